@@ -1,0 +1,34 @@
+"""Tiny GLaM: 4 layers (2 scanned dense+MoE blocks), 8 experts; trains on a 2-core CPU in minutes.
+
+python experiments/train.py --config=configs/glam_tiny.py --workdir=/tmp/glam_tiny
+"""
+
+import ml_collections
+
+from configs.base import get_base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = get_base_config()
+    m = config.model
+    m.vocab_size = 2048  # SentencePiece trained on tiny Shakespeare at first use
+    m.num_layers = 4  # 2 blocks of (dense, MoE)
+    m.embed_dim = 128
+    m.mlp_dim = 512
+    m.num_heads = 4
+    m.head_dim = 32
+    m.max_len = 256
+    m.dtype = "float32"  # CPU: float32 is faster than emulated bfloat16
+    config.moe.num_experts = 8
+    config.moe.group_size = 256  # tokens per routing group (<= tokens per device up to 8 devices)
+    t = config.train
+    t.batch_size = 16
+    t.eval_batch_size = 32
+    t.seq_len = 128
+    t.steps = 600
+    t.learning_rate = 0.01
+    t.warmup_steps = 100
+    t.log_every = 25
+    t.eval_every = 200
+    t.checkpoint_every = 200
+    return config

@@ -1,0 +1,172 @@
+"""Causal multi-head attention with GLaM's per-layer T5 relative-position bias.
+
+Two kernels compute the same function: XLA einsums (everywhere) and cuDNN flash attention
+(`jax.nn.dot_product_attention(implementation='cudnn')`, GPU only), which also returns the
+bias gradient. The bias is built as a one-hot matmul, never as a gather from the bucket
+table: the gather's backward is a scatter-add of S^2 updates into 32 buckets, which made a
+GPU train step >100x slower (reference/moe.md section 6).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glam_jax.layers import Dtype, constrain, param_with_axes
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def relative_position_buckets(
+    length: int, num_buckets: int, max_distance: int, bidirectional: bool = False
+) -> np.ndarray:
+    """T5 buckets [q, k] of the offset k - q; exact below num_buckets/2, log-spaced after.
+
+    Static numpy: it depends only on the sequence length, so XLA sees a constant.
+    """
+    rel = np.arange(length)[None, :] - np.arange(length)[:, None]  # [q, k] = k - q
+    n = -rel
+    ret = np.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(np.int64) * num_buckets
+        n = np.abs(n)
+    else:
+        n = np.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    with np.errstate(divide="ignore"):
+        large = max_exact + (
+            np.log(np.maximum(n, 1) / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return (ret + np.where(is_small, n, large)).astype(np.int32)
+
+
+def rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (half-split layout, as in Mistral/Llama)."""
+    d = x_bthd.shape[-1]
+    freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [d/2]
+    ang_btf = positions_bt[..., None].astype(jnp.float32) * freq
+    sin, cos = jnp.sin(ang_btf)[:, :, None, :], jnp.cos(ang_btf)[:, :, None, :]
+    x1, x2 = jnp.split(x_bthd.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthd.dtype)
+
+
+def attention_mask(segment_ids_bt: jax.Array | None, length: int) -> jax.Array:
+    """[batch or 1, 1, q, k] bool: causal, and no attention across packed documents."""
+    causal_qk = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+    mask = causal_qk[None, None]
+    if segment_ids_bt is not None:
+        same_bqk = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        mask = mask & same_bqk[:, None]
+    return mask
+
+
+def xla_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, mask_b1ts, scale: float) -> jax.Array:
+    """Reference attention in plain einsums; grouped-query heads share k/v; softmax in f32."""
+    b, t, h, d = q_bthd.shape
+    g = k_bsgd.shape[2]
+    q_btgrd = q_bthd.reshape(b, t, g, h // g, d)
+    logits_bgrts = jnp.einsum("btgrd,bsgd->bgrts", q_btgrd, k_bsgd).astype(jnp.float32) * scale
+    if bias_hts is not None:
+        logits_bgrts = logits_bgrts + bias_hts.reshape(g, h // g, t, -1)[None].astype(jnp.float32)
+    logits_bgrts = jnp.where(mask_b1ts[:, :, None], logits_bgrts, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_bgrts, axis=-1).astype(v_bsgd.dtype)
+    out_btgrd = jnp.einsum("bgrts,bsgd->btgrd", probs, v_bsgd)
+    return out_btgrd.reshape(b, t, h, d)
+
+
+def cudnn_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale: float) -> jax.Array:
+    """cuDNN flash attention (GPU); causal via is_causal, documents via a mask if packed."""
+    bias = None if bias_hts is None else bias_hts[None].astype(q_bthd.dtype)
+    mask = None
+    if segment_ids_bt is not None:
+        mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q_bthd,
+        k_bsgd,
+        v_bsgd,
+        bias=bias,
+        mask=mask,
+        scale=scale,
+        is_causal=True,
+        implementation="cudnn",
+    )
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' picks cuDNN on a GPU backend and XLA elsewhere."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl={impl!r} is not valid; valid: {ATTENTION_IMPLS}.")
+    if impl == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+class Attention(nn.Module):
+    """Pre-projected causal self-attention; bias or RoPE positions; GQA when kv heads < heads."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    position: str = "relative_bias"  # 'relative_bias' | 'rope' | 'none'
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    rope_theta: float = 10_000.0
+    impl: str = "auto"
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x_btm: jax.Array, segment_ids_bt: jax.Array | None, positions_bt: jax.Array | None
+    ) -> jax.Array:
+        b, t, m = x_btm.shape
+        h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        init = nn.initializers.normal(self.init_std)
+
+        def proj(name, heads):
+            w_mhd = param_with_axes(
+                self, name, init, (m, heads, d), self.param_dtype, ("embed", "heads", "kv")
+            )
+            y_bthd = jnp.einsum("btm,mhd->bthd", x_btm, w_mhd.astype(self.dtype))
+            return constrain(y_bthd, ("batch", "length", "heads", "kv"))
+
+        q_bthd, k_bsgd, v_bsgd = proj("query", h), proj("key", g), proj("value", g)
+        bias_hts = None
+        if self.position == "relative_bias":
+            table_hb = param_with_axes(
+                self, "rel_bias", init, (h, self.rel_buckets), jnp.float32, ("heads", "rel_buckets")
+            )
+            buckets_ts = relative_position_buckets(t, self.rel_buckets, self.rel_max_distance)
+            onehot_tsb = jax.nn.one_hot(buckets_ts, self.rel_buckets, dtype=self.dtype)
+            bias_hts = jnp.einsum("tsb,hb->hts", onehot_tsb, table_hb.astype(self.dtype))
+        elif self.position == "rope":
+            pos = positions_bt if positions_bt is not None else jnp.arange(t)[None]
+            q_bthd, k_bsgd = rope(q_bthd, pos, self.rope_theta), rope(k_bsgd, pos, self.rope_theta)
+        elif self.position != "none":
+            raise ValueError(
+                f"model.position={self.position!r} is not valid; valid: relative_bias, rope, none."
+            )
+
+        scale = 1.0 / math.sqrt(d)
+        if resolve_impl(self.impl) == "cudnn":
+            out_bthd = cudnn_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale)
+        else:
+            mask = attention_mask(segment_ids_bt, t)
+            out_bthd = xla_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, mask, scale)
+        out_bthd = constrain(out_bthd, ("batch", "length", "heads", "kv"))
+        wo_hdm = param_with_axes(
+            self, "out", init, (h, d, m), self.param_dtype, ("heads", "kv", "embed")
+        )
+        y_btm = jnp.einsum("bthd,hdm->btm", out_bthd, wo_hdm.astype(self.dtype))
+        return constrain(y_btm, ("batch", "length", "embed"))

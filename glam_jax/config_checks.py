@@ -1,0 +1,118 @@
+"""Checks a run config before anything is built, so a bad value fails in one clear sentence."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from glam_jax import dispatch, routing
+from glam_jax.layers import dtype_of
+from glam_jax.model import REMAT_POLICIES
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field, the value and what is valid."""
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_model(config: ml_collections.ConfigDict) -> None:
+    """Model/MoE fields that do not depend on the devices."""
+    mc, moe = config.model, config.moe
+    for name in ("vocab_size", "num_layers", "embed_dim", "mlp_dim", "num_heads", "head_dim"):
+        _need(mc[name] >= 1, f"model.{name}={mc[name]} must be >= 1.")
+    _need(moe.every >= 1, f"moe.every={moe.every} must be >= 1 (1 = every layer is MoE).")
+    _need(
+        mc.num_layers % moe.every == 0,
+        f"model.num_layers={mc.num_layers} must be a multiple of moe.every={moe.every} "
+        "(the scan body is one block of moe.every layers).",
+    )
+    _need(
+        0 <= moe.moe_index_in_block < moe.every,
+        f"moe.moe_index_in_block={moe.moe_index_in_block} must be in [0, moe.every={moe.every}).",
+    )
+    kv = mc.num_kv_heads or mc.num_heads
+    _need(
+        mc.num_heads % kv == 0,
+        f"model.num_heads={mc.num_heads} must be a multiple of model.num_kv_heads={kv}.",
+    )
+    for name in ("dtype", "param_dtype"):
+        try:
+            dtype_of(mc[name])
+        except ValueError as err:
+            raise ConfigError(f"model.{name}: {err}") from None
+    _need(
+        mc.remat_policy in REMAT_POLICIES,
+        f"model.remat_policy={mc.remat_policy!r} is not valid; valid: {sorted(REMAT_POLICIES)}.",
+    )
+    if moe.num_experts == 0:
+        return
+    _need(moe.num_experts >= 1, f"moe.num_experts={moe.num_experts} must be >= 0.")
+    _need(
+        moe.router in routing.ROUTERS,
+        f"moe.router={moe.router!r} is not valid; valid: {routing.ROUTERS}.",
+    )
+    _need(
+        moe.dispatch in dispatch.DISPATCHES,
+        f"moe.dispatch={moe.dispatch!r} is not valid; valid: {dispatch.DISPATCHES}.",
+    )
+    for name in ("capacity_factor_train", "capacity_factor_eval"):
+        _need(
+            moe[name] > 0, f"moe.{name}={moe[name]} must be > 0 (1.25 train / 2.0 eval are usual)."
+        )
+    _need(
+        moe.capacity_convention in dispatch.CAPACITY_CONVENTIONS,
+        f"moe.capacity_convention={moe.capacity_convention!r} is not valid; "
+        f"valid: {dispatch.CAPACITY_CONVENTIONS}.",
+    )
+    fixed = routing.FIXED_K.get(moe.router)
+    _need(
+        fixed is None or moe.num_selected == fixed,
+        f"moe.router={moe.router!r} always picks {fixed} expert(s) per token, "
+        f"but moe.num_selected={moe.num_selected}.",
+    )
+    _need(
+        1 <= moe.num_selected <= moe.num_experts,
+        f"moe.num_selected={moe.num_selected} must be in [1, moe.num_experts={moe.num_experts}].",
+    )
+    _need(
+        not (moe.router == "expert_choice" and moe.dispatch == "dropless"),
+        "moe.router='expert_choice' fixes each expert's capacity, so moe.dispatch='dropless' "
+        "does not apply; use 'einsum' or 'sort'.",
+    )
+    _need(
+        not (moe.router == "noisy_topk" and moe.num_selected >= moe.num_experts),
+        f"moe.router='noisy_topk' needs moe.num_selected < moe.num_experts, got "
+        f"{moe.num_selected} and {moe.num_experts}.",
+    )
+    _need(moe.group_size >= 1, f"moe.group_size={moe.group_size} must be >= 1.")
+
+
+def check_run(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int]) -> None:
+    """Everything in check_model plus how batch and experts split over the resolved mesh."""
+    check_model(config)
+    data, expert, model = mesh_shape
+    mc, moe, tc = config.model, config.moe, config.train
+    if moe.num_experts:
+        _need(
+            moe.num_experts % expert == 0,
+            f"moe.num_experts={moe.num_experts} is not divisible by the mesh expert axis "
+            f"({expert}); use a mesh.shape whose expert size divides it.",
+        )
+    for name in ("batch_size", "eval_batch_size"):
+        _need(
+            tc[name] % (data * expert) == 0,
+            f"train.{name}={tc[name]} is not divisible by mesh data x expert = {data * expert}.",
+        )
+    _need(
+        tc.seq_len <= mc.max_len,
+        f"train.seq_len={tc.seq_len} is larger than model.max_len={mc.max_len}, the longest "
+        "sequence the model supports.",
+    )
+    for name, size in (("num_heads", mc.num_heads), ("mlp_dim", mc.mlp_dim)):
+        _need(
+            size % model == 0,
+            f"model.{name}={size} is not divisible by the mesh model axis ({model}).",
+        )

@@ -1,0 +1,212 @@
+"""Three ways to send tokens to experts and back; all compute the same MoE layer.
+
+- `einsum`: GShard one-hot dispatch/combine tensors [G, T, E, C]; simple, shards cleanly,
+  O(T*E*C) memory per group.
+- `sort`: a slot->token table built from the same slot assignment, then gathers into
+  [E, G, C, M] and back; O(T*k) index work.
+- `dropless`: no capacity; token-expert pairs sorted by expert through a grouped matmul
+  (`jax.lax.ragged_dot`, or a GPU grouped-GEMM kernel where one is registered).
+
+Capacity and priority (first choices before second choices, then token order) are decided in
+one place, `assign_slots`, used by both capacity paths, so they drop exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from glam_jax.layers import activation_fn, constrain
+
+DISPATCHES = ("einsum", "sort", "dropless")
+CAPACITY_CONVENTIONS = ("gshard", "praxis")
+
+
+def expert_capacity(
+    tokens_per_group: int,
+    num_experts: int,
+    num_selected: int,
+    capacity_factor: float,
+    convention: str = "gshard",
+    min_capacity: int = 4,
+) -> int:
+    """Slots per expert and group.
+
+    'gshard' (the GShard paper): ceil(k*T/E*cf). 'praxis' (Praxis top2_gating_on_logits):
+    ceil(T*cf/E) rounded up to a multiple of 4, with no factor k. Never more than T.
+    """
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity factor must be > 0, got {capacity_factor}.")
+    if convention == "gshard":
+        cap = math.ceil(num_selected * tokens_per_group / num_experts * capacity_factor)
+    elif convention == "praxis":
+        cap = math.ceil(tokens_per_group * capacity_factor / num_experts)
+        cap = 4 * math.ceil(cap / 4)
+    else:
+        raise ValueError(
+            f"moe.capacity_convention={convention!r} is not valid; valid: {CAPACITY_CONVENTIONS}."
+        )
+    return int(min(max(cap, min_capacity), tokens_per_group))
+
+
+def assign_slots(
+    expert_index_gtk: jax.Array, dispatch_mask_gtk: jax.Array, num_experts: int, capacity: int
+) -> tuple[jax.Array, jax.Array]:
+    """Buffer position of every (token, choice) in its expert, and whether it fits.
+
+    Priority: all first choices of a group in token order, then all second choices, ... .
+    Computed by a stable sort of the choices by expert (O(T*k log T*k), no [T, E] one-hots).
+    Returns position [G, T, k] int32 and kept [G, T, k] bool (dispatched and position < C).
+    """
+    g, t, k = expert_index_gtk.shape
+    # Slot-major order: choice 0 of tokens 0..T-1, then choice 1 of tokens 0..T-1, ...
+    e_gn = jnp.swapaxes(expert_index_gtk, 1, 2).reshape(g, k * t)
+    m_gn = jnp.swapaxes(dispatch_mask_gtk, 1, 2).reshape(g, k * t)
+    key_gn = jnp.where(m_gn, e_gn, num_experts)  # undispatched choices sort last
+    order_gn = jnp.argsort(key_gn, axis=-1, stable=True)
+    sorted_key_gn = jnp.take_along_axis(key_gn, order_gn, axis=-1)
+    starts_ge = jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(num_experts + 1)))(sorted_key_gn)
+    rank_sorted_gn = jnp.arange(k * t)[None] - jnp.take_along_axis(starts_ge, sorted_key_gn, -1)
+    rank_gn = jax.vmap(lambda o, r: jnp.zeros_like(r).at[o].set(r))(order_gn, rank_sorted_gn)
+    position_gtk = jnp.swapaxes(rank_gn.reshape(g, k, t), 1, 2).astype(jnp.int32)
+    kept_gtk = dispatch_mask_gtk & (position_gtk < capacity)
+    return position_gtk, kept_gtk
+
+
+@struct.dataclass
+class Experts:
+    """E gated FFNs with stacked weights; applied batched ([E, ..., M]) or ragged (sorted)."""
+
+    wi_0: jax.Array  # [E, M, H]
+    wi_1: jax.Array | None  # [E, M, H] (None: non-gated FFN)
+    wo: jax.Array  # [E, H, M]
+    activation: str = struct.field(pytree_node=False, default="gelu")
+    hidden_fn: Callable | None = struct.field(pytree_node=False, default=None)  # expert dropout
+
+    @property
+    def num_experts(self) -> int:
+        return self.wi_0.shape[0]
+
+    def batched(self, x_egcm: jax.Array) -> jax.Array:
+        """Expert e applied to its buffer x[e]: [E, G, C, M] -> [E, G, C, M]."""
+        act = activation_fn(self.activation)
+        h_egch = act(jnp.einsum("egcm,emh->egch", x_egcm, self.wi_0))
+        if self.wi_1 is not None:
+            h_egch = h_egch * jnp.einsum("egcm,emh->egch", x_egcm, self.wi_1)
+        h_egch = constrain(h_egch, ("expert", "expert_group", "capacity", "mlp"))
+        if self.hidden_fn is not None:
+            h_egch = self.hidden_fn(h_egch)
+        return jnp.einsum("egch,ehm->egcm", h_egch, self.wo)
+
+    def ragged(self, x_nm: jax.Array, group_sizes_e: jax.Array, matmul: Callable) -> jax.Array:
+        """Rows of x sorted by expert (group_sizes_e rows each) through their expert."""
+        act = activation_fn(self.activation)
+        h_nh = act(matmul(x_nm, self.wi_0, group_sizes_e))
+        if self.wi_1 is not None:
+            h_nh = h_nh * matmul(x_nm, self.wi_1, group_sizes_e)
+        if self.hidden_fn is not None:
+            h_nh = self.hidden_fn(h_nh)
+        return matmul(h_nh, self.wo, group_sizes_e)
+
+
+def _xla_ragged_dot(x_nm, w_emh, group_sizes_e):
+    return jax.lax.ragged_dot(x_nm, w_emh, group_sizes_e.astype(jnp.int32))
+
+
+# Grouped-GEMM implementations by name; GPU kernels register themselves here.
+RAGGED_MATMULS: dict[str, Callable] = {"xla": _xla_ragged_dot}
+
+
+def einsum_dispatch(
+    x_gtm, expert_index_gtk, weights_gtk, kept_gtk, position_gtk, experts: Experts, capacity
+):
+    """GShard: one-hot dispatch/combine tensors [G, T, E, C] and two einsums around experts."""
+    e, dtype = experts.num_experts, x_gtm.dtype
+    onehot_gtke = jax.nn.one_hot(expert_index_gtk, e, dtype=dtype)
+    onehot_gtkc = jax.nn.one_hot(jnp.where(kept_gtk, position_gtk, capacity), capacity, dtype=dtype)
+    dispatch_gtec = jnp.einsum("gtke,gtkc->gtec", onehot_gtke, onehot_gtkc)
+    w_gtk = jnp.where(kept_gtk, weights_gtk, 0.0).astype(dtype)
+    combine_gtec = jnp.einsum("gtke,gtkc,gtk->gtec", onehot_gtke, onehot_gtkc, w_gtk)
+    x_egcm = jnp.einsum("gtec,gtm->egcm", dispatch_gtec, x_gtm)
+    x_egcm = constrain(x_egcm, ("expert", "expert_group", "capacity", "embed"))
+    y_egcm = constrain(experts.batched(x_egcm), ("expert", "expert_group", "capacity", "embed"))
+    return jnp.einsum("gtec,egcm->gtm", combine_gtec, y_egcm)
+
+
+def sort_dispatch(
+    x_gtm, expert_index_gtk, weights_gtk, kept_gtk, position_gtk, experts: Experts, capacity
+):
+    """Gather tokens into [E, G, C, M] through a slot->token table; gather results back."""
+    g, t, m = x_gtm.shape
+    e, k = experts.num_experts, expert_index_gtk.shape[-1]
+    trash = e * capacity  # slot index for choices that were dropped or not dispatched
+    slot_gtk = jnp.where(kept_gtk, expert_index_gtk * capacity + position_gtk, trash)
+    token_gtk = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :, None], (g, t, k))
+    table_gs = jax.vmap(lambda s, tok: jnp.full((trash + 1,), t, jnp.int32).at[s].set(tok))(
+        slot_gtk.reshape(g, -1), token_gtk.reshape(g, -1)
+    )[:, :trash]  # empty slots point at the zero row t
+    x_pad = jnp.concatenate([x_gtm, jnp.zeros((g, 1, m), x_gtm.dtype)], axis=1)
+    x_gsm = jnp.take_along_axis(x_pad, table_gs[..., None], axis=1)
+    x_egcm = jnp.swapaxes(x_gsm.reshape(g, e, capacity, m), 0, 1)
+    x_egcm = constrain(x_egcm, ("expert", "expert_group", "capacity", "embed"))
+    y_egcm = constrain(experts.batched(x_egcm), ("expert", "expert_group", "capacity", "embed"))
+    y_gsm = jnp.swapaxes(y_egcm, 0, 1).reshape(g, trash, m)
+    y_pad = jnp.concatenate([y_gsm, jnp.zeros((g, 1, m), y_gsm.dtype)], axis=1)
+    y_gtkm = jnp.take_along_axis(y_pad, slot_gtk.reshape(g, t * k, 1), axis=1).reshape(g, t, k, m)
+    w_gtk = jnp.where(kept_gtk, weights_gtk, 0.0).astype(y_gtkm.dtype)
+    return jnp.einsum("gtkm,gtk->gtm", y_gtkm, w_gtk)
+
+
+def dropless_dispatch(
+    x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts: Experts, matmul="xla"
+):
+    """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul."""
+    g, t, m = x_gtm.shape
+    e, k = experts.num_experts, expert_index_gtk.shape[-1]
+    if matmul not in RAGGED_MATMULS:
+        raise ValueError(
+            f"grouped matmul {matmul!r} is not available; have {list(RAGGED_MATMULS)}."
+        )
+    x_nm = x_gtm.reshape(g * t, m)
+    e_p = expert_index_gtk.reshape(-1)
+    order_p = jnp.argsort(e_p, stable=True)
+    xs_pm = jnp.take(x_nm, order_p // k, axis=0)
+    group_sizes_e = jnp.bincount(e_p, length=e)
+    ys_pm = experts.ragged(xs_pm, group_sizes_e, RAGGED_MATMULS[matmul])
+    y_pm = jnp.zeros_like(ys_pm).at[order_p].set(ys_pm)
+    w_p = jnp.where(dispatch_mask_gtk, weights_gtk, 0.0).reshape(-1).astype(y_pm.dtype)
+    y_nm = jnp.sum((y_pm * w_p[:, None]).reshape(g * t, k, m), axis=1)
+    return y_nm.reshape(g, t, m)
+
+
+def expert_choice_einsum(x_gtm, token_gec, weights_gec, experts: Experts):
+    """Expert choice with one-hot [G, E, C, T] dispatch/combine tensors."""
+    t, dtype = x_gtm.shape[1], x_gtm.dtype
+    onehot_gect = jax.nn.one_hot(token_gec, t, dtype=dtype)
+    x_egcm = constrain(
+        jnp.einsum("gect,gtm->egcm", onehot_gect, x_gtm),
+        ("expert", "expert_group", "capacity", "embed"),
+    )
+    y_egcm = constrain(experts.batched(x_egcm), ("expert", "expert_group", "capacity", "embed"))
+    return jnp.einsum("gect,gec,egcm->gtm", onehot_gect, weights_gec.astype(dtype), y_egcm)
+
+
+def expert_choice_sort(x_gtm, token_gec, weights_gec, experts: Experts):
+    """Expert choice by gathering each expert's tokens and scatter-adding results back."""
+    g, t, m = x_gtm.shape
+    _, e, c = token_gec.shape
+    x_gsm = jnp.take_along_axis(x_gtm, token_gec.reshape(g, e * c, 1), axis=1)
+    x_egcm = constrain(
+        jnp.swapaxes(x_gsm.reshape(g, e, c, m), 0, 1),
+        ("expert", "expert_group", "capacity", "embed"),
+    )
+    y_egcm = constrain(experts.batched(x_egcm), ("expert", "expert_group", "capacity", "embed"))
+    y_gsm = jnp.swapaxes(y_egcm, 0, 1).reshape(g, e * c, m)
+    y_gsm = y_gsm * weights_gec.reshape(g, e * c, 1).astype(y_gsm.dtype)
+    return jax.vmap(lambda idx, y: jnp.zeros((t, m), y.dtype).at[idx].add(y))(
+        token_gec.reshape(g, e * c), y_gsm
+    )

@@ -1,0 +1,192 @@
+"""The decoder-only (MoE) transformer LM.
+
+The layer stack is ONE `nn.scan` over blocks of `moe.every` layers (GLaM: a dense layer and
+an MoE layer). Parameters of the scanned block carry a leading `layers` axis that is never
+sharded, so device d holds the same experts in every layer and XLA compiles one loop body
+whatever the depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from glam_jax.attention import Attention
+from glam_jax.layers import Embed, GluFFN, Norm, constrain, dtype_of, param_with_axes
+from glam_jax.moe import MoE
+
+# Names accepted by model.remat_policy -> jax.checkpoint policy (None = save nothing).
+REMAT_POLICIES = {
+    "none": "no remat",
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+# Per-layer MoE stats that are summed over layers into the loss.
+LOSS_STATS = ("aux_loss", "z_loss", "importance_loss", "load_loss")
+
+
+def frozen(config: ml_collections.ConfigDict | ml_collections.FrozenConfigDict):
+    """Modules keep the config as a hashable FrozenConfigDict."""
+    if isinstance(config, ml_collections.FrozenConfigDict):
+        return config
+    return ml_collections.FrozenConfigDict(config)
+
+
+def num_kv_heads(mc) -> int:
+    return mc.num_kv_heads or mc.num_heads
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and pre-norm FFN (dense or MoE), each with a residual."""
+
+    config: Any
+    use_moe: bool
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x_btm, segment_ids_bt, positions_bt):
+        mc = self.config.model
+        dtype, pdtype = dtype_of(mc.dtype), dtype_of(mc.param_dtype)
+        norm = dict(kind=mc.norm, eps=mc.norm_eps, dtype=dtype, param_dtype=pdtype)
+        h_btm = Norm(name="pre_attention_norm", **norm)(x_btm)
+        h_btm = Attention(
+            num_heads=mc.num_heads,
+            num_kv_heads=num_kv_heads(mc),
+            head_dim=mc.head_dim,
+            position=mc.position,
+            rel_buckets=mc.rel_buckets,
+            rel_max_distance=mc.rel_max_distance,
+            rope_theta=mc.get("rope_theta", 10_000.0),
+            impl=mc.attention_impl,
+            init_std=mc.init_std,
+            dtype=dtype,
+            param_dtype=pdtype,
+            name="attention",
+        )(h_btm, segment_ids_bt, positions_bt)
+        h_btm = nn.Dropout(mc.dropout_rate)(h_btm, deterministic=not self.train)
+        x_btm = x_btm + h_btm
+        h_btm = Norm(name="pre_ffn_norm", **norm)(x_btm)
+        stats = {}
+        if self.use_moe:
+            h_btm, stats = MoE(self.config, train=self.train, name="moe")(h_btm)
+        else:
+            h_btm = GluFFN(
+                mlp_dim=mc.mlp_dim,
+                activation=mc.ffn_activation,
+                glu=mc.ffn_glu,
+                init_std=mc.init_std,
+                dropout_rate=mc.dropout_rate,
+                dtype=dtype,
+                param_dtype=pdtype,
+                name="ffn",
+            )(h_btm, deterministic=not self.train)
+        h_btm = nn.Dropout(mc.dropout_rate)(h_btm, deterministic=not self.train)
+        x_btm = constrain(x_btm + h_btm, ("batch", "length", "embed"))
+        return x_btm, stats
+
+
+class Block(nn.Module):
+    """`moe.every` consecutive layers, the MoE one at `moe.moe_index_in_block`: the scan body."""
+
+    config: Any
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x_btm, segment_ids_bt, positions_bt):
+        moe = self.config.moe
+        stats = {}
+        for i in range(moe.every):
+            use_moe = moe.num_experts > 0 and i == moe.moe_index_in_block
+            x_btm, layer_stats = DecoderLayer(
+                self.config, use_moe=use_moe, train=self.train, name=f"layer_{i}"
+            )(x_btm, segment_ids_bt, positions_bt)
+            stats.update(layer_stats)
+        return x_btm, stats
+
+
+class Transformer(nn.Module):
+    """Token ids [batch, length] -> logits [batch, length, vocab] and summed MoE stats."""
+
+    config: Any
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_bt: jax.Array,
+        segment_ids_bt: jax.Array | None = None,
+        positions_bt: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        config = frozen(self.config)
+        mc = config.model
+        dtype, pdtype = dtype_of(mc.dtype), dtype_of(mc.param_dtype)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(inputs_bt.shape[1]), inputs_bt.shape)
+        embed = Embed(
+            mc.vocab_size, mc.embed_dim, mc.init_std, dtype=dtype, param_dtype=pdtype, name="embed"
+        )
+        x_btm = embed(inputs_bt)
+
+        block = Block
+        if mc.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"model.remat_policy={mc.remat_policy!r} is not valid; "
+                f"valid: {sorted(REMAT_POLICIES)}."
+            )
+        if mc.remat_policy != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[mc.remat_policy], prevent_cse=False)
+        num_blocks = mc.num_layers // config.moe.every
+        scanned = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True, "routing": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=num_blocks,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x_btm, stats = scanned(config, train=train, name="blocks")(
+            x_btm, segment_ids_bt, positions_bt
+        )
+        x_btm = Norm(mc.norm, mc.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(
+            x_btm
+        )
+        if mc.tie_embeddings:
+            logits_btv = embed.attend(x_btm)
+            if mc.logits_via_embedding_scale:
+                logits_btv = logits_btv / jnp.sqrt(mc.embed_dim).astype(logits_btv.dtype)
+        else:
+            w_mv = param_with_axes(
+                self,
+                "logits",
+                nn.initializers.normal(mc.init_std),
+                (mc.embed_dim, mc.vocab_size),
+                pdtype,
+                ("embed", "vocab"),
+            )
+            logits_btv = jnp.einsum("btm,mv->btv", x_btm, w_mv.astype(dtype))
+        logits_btv = constrain(logits_btv, ("batch", "length", "vocab"))
+        return logits_btv, summarise_moe_stats(stats)
+
+
+def summarise_moe_stats(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-block stacked stats -> losses summed over MoE layers plus per-layer metrics."""
+    out = {name: jnp.zeros((), jnp.float32) for name in LOSS_STATS}
+    if not stats:
+        return out
+    for name in LOSS_STATS:
+        out[name] = jnp.sum(stats[name])
+    out["expert_load"] = stats["expert_load"]  # [moe layers, E]
+    out["dropped_fraction"] = stats["dropped_fraction"]  # [moe layers]
+    out["router_entropy"] = stats["router_entropy"]  # [moe layers]
+    top1 = stats["top1"]  # [moe layers, B, S]
+    if top1.shape[0] > 1:
+        out["top1_stability"] = jnp.mean((top1[1:] == top1[:-1]).astype(jnp.float32))
+    return out

@@ -1,0 +1,197 @@
+"""Routers of the MoE literature as pure functions of float32 router logits.
+
+Token-choice routers return a `Routing`: for each token, k expert choices in priority order
+with their combine weights and whether each is dispatched at all (GShard's random second
+expert). Capacity is *not* applied here: `glam_jax.dispatch` does that, once, for every path.
+Expert choice (each expert picks tokens) returns an `ExpertChoiceRouting` instead.
+
+Shapes: G routing groups, T tokens per group, E experts, k choices per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.scipy.stats import norm
+
+ROUTERS = ("gshard_top2", "switch_top1", "topk_softmax", "noisy_topk", "expert_choice")
+TOKEN_CHOICE_ROUTERS = ("gshard_top2", "switch_top1", "topk_softmax", "noisy_topk")
+# Routers whose k is fixed by the algorithm.
+FIXED_K = {"gshard_top2": 2, "switch_top1": 1}
+
+
+@struct.dataclass
+class Routing:
+    """Token-choice routing decisions for one MoE layer (before capacity)."""
+
+    expert_index: jax.Array  # [G, T, k] int32, choice 0 has priority over choice 1, ...
+    combine_weights: jax.Array  # [G, T, k] float32, 0 where a choice is not dispatched
+    dispatch_mask: jax.Array  # [G, T, k] bool, choice is sent to its expert (before capacity)
+    probs: jax.Array  # [G, T, E] float32 router probabilities, for losses and metrics
+    aux_loss: jax.Array  # scalar GShard/Switch load-balancing loss, 1.0 when balanced
+    z_loss: jax.Array  # scalar ST-MoE router z-loss
+    importance_loss: jax.Array  # scalar Shazeer CV(importance)^2 (0 for other routers)
+    load_loss: jax.Array  # scalar Shazeer CV(load)^2 (0 for other routers)
+
+
+@struct.dataclass
+class ExpertChoiceRouting:
+    """Expert-choice routing: each expert's chosen tokens and their weights."""
+
+    token_index: jax.Array  # [G, E, C] int32, token picked for each expert slot
+    combine_weights: jax.Array  # [G, E, C] float32
+    probs: jax.Array  # [G, T, E] float32
+    aux_loss: jax.Array  # scalar (reported; balanced by construction)
+    z_loss: jax.Array  # scalar
+
+
+def load_balancing_loss(probs_gte: jax.Array, first_choice_gt: jax.Array) -> jax.Array:
+    """GShard/Switch aux loss E * sum_e f_e * P_e per group, averaged over groups.
+
+    f_e: fraction of tokens whose first choice is e (no gradient); P_e: mean router prob.
+    Equals 1.0 when routing is perfectly uniform.
+    """
+    num_experts = probs_gte.shape[-1]
+    f_ge = jnp.mean(jax.nn.one_hot(first_choice_gt, num_experts, dtype=jnp.float32), axis=1)
+    p_ge = jnp.mean(probs_gte, axis=1)
+    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f_ge) * p_ge, axis=-1)) * num_experts
+
+
+def router_z_loss(logits_gte: jax.Array) -> jax.Array:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2 (keeps router logits small)."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_gte, axis=-1)))
+
+
+def _gather_e(x_gte: jax.Array, idx_gtk: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x_gte, idx_gtk, axis=-1)
+
+
+def _common(logits_gte, probs_gte, first_gt):
+    return dict(
+        probs=probs_gte,
+        aux_loss=load_balancing_loss(probs_gte, first_gt),
+        z_loss=router_z_loss(logits_gte),
+        importance_loss=jnp.zeros((), jnp.float32),
+        load_loss=jnp.zeros((), jnp.float32),
+    )
+
+
+def gshard_top2(
+    logits_gte: jax.Array, *, rng: jax.Array | None, train: bool, second_expert_policy: str
+) -> Routing:
+    """GShard top-2: argmax, then argmax of the rest; gates renormalised by g1 + g2.
+
+    In training with policy 'random', the second expert is dispatched only with probability
+    min(1, 2*g2) (g2 normalised), as in GShard's Algorithm 1.
+    """
+    if second_expert_policy not in ("random", "all"):
+        raise ValueError(
+            f"moe.second_expert_policy={second_expert_policy!r} is not valid; valid: random, all."
+        )
+    probs = jax.nn.softmax(logits_gte, axis=-1)
+    num_experts = probs.shape[-1]
+    idx1 = jnp.argmax(probs, axis=-1)
+    probs_rest = jnp.where(jax.nn.one_hot(idx1, num_experts, dtype=jnp.bool_), -1.0, probs)
+    idx2 = jnp.argmax(probs_rest, axis=-1)
+    idx_gtk = jnp.stack([idx1, idx2], axis=-1).astype(jnp.int32)
+    g_gtk = _gather_e(probs, idx_gtk)
+    g_gtk = g_gtk / (jnp.sum(g_gtk, axis=-1, keepdims=True) + 1e-9)
+    send2 = jnp.ones(idx1.shape, jnp.bool_)
+    if train and second_expert_policy == "random":
+        if rng is None:
+            raise ValueError("gshard_top2 random routing needs an rng while training.")
+        send2 = jax.random.uniform(rng, idx1.shape) < 2.0 * g_gtk[..., 1]
+    mask_gtk = jnp.stack([jnp.ones_like(send2), send2], axis=-1)
+    return Routing(
+        expert_index=idx_gtk,
+        combine_weights=jnp.where(mask_gtk, g_gtk, 0.0),
+        dispatch_mask=mask_gtk,
+        **_common(logits_gte, probs, idx1),
+    )
+
+
+def switch_top1(logits_gte: jax.Array) -> Routing:
+    """Switch: argmax expert; combine weight is its gate probability so the router learns."""
+    probs = jax.nn.softmax(logits_gte, axis=-1)
+    idx_gtk = jnp.argmax(probs, axis=-1)[..., None].astype(jnp.int32)
+    return Routing(
+        expert_index=idx_gtk,
+        combine_weights=_gather_e(probs, idx_gtk),
+        dispatch_mask=jnp.ones(idx_gtk.shape, jnp.bool_),
+        **_common(logits_gte, probs, idx_gtk[..., 0]),
+    )
+
+
+def topk_softmax(logits_gte: jax.Array, k: int) -> Routing:
+    """Mixtral: top-k of the logits, softmax over the k kept logits."""
+    probs = jax.nn.softmax(logits_gte, axis=-1)
+    top_logits_gtk, idx_gtk = jax.lax.top_k(logits_gte, k)
+    return Routing(
+        expert_index=idx_gtk.astype(jnp.int32),
+        combine_weights=jax.nn.softmax(top_logits_gtk, axis=-1),
+        dispatch_mask=jnp.ones(idx_gtk.shape, jnp.bool_),
+        **_common(logits_gte, probs, idx_gtk[..., 0]),
+    )
+
+
+def cv_squared(x_e: jax.Array) -> jax.Array:
+    """Squared coefficient of variation, var/mean^2 (Shazeer's balancing losses)."""
+    mean = jnp.mean(x_e)
+    return jnp.var(x_e) / (jnp.square(mean) + 1e-10)
+
+
+def noisy_topk(
+    clean_gte: jax.Array, noise_std_gte: jax.Array, k: int, *, rng: jax.Array | None, train: bool
+) -> Routing:
+    """Shazeer 2017: top-k of x W_g + N(0,1) softplus(x W_noise) (noise in training only).
+
+    Combine weights are the softmax over the k kept noisy logits. Importance loss is
+    CV(sum_t gates)^2; load loss is CV(sum_t P(e kept))^2 with P from the normal CDF of the
+    margin between the clean logit and the k-th largest noisy logit of the other experts.
+    """
+    num_experts = clean_gte.shape[-1]
+    if k >= num_experts:
+        raise ValueError(f"noisy_topk needs k < num_experts, got k={k}, E={num_experts}.")
+    noisy_gte = clean_gte
+    if train:
+        if rng is None:
+            raise ValueError("noisy_topk needs an rng while training.")
+        noisy_gte = clean_gte + jax.random.normal(rng, clean_gte.shape) * noise_std_gte
+    top_gtk1, idx_gtk1 = jax.lax.top_k(noisy_gte, k + 1)
+    idx_gtk = idx_gtk1[..., :k].astype(jnp.int32)
+    weights_gtk = jax.nn.softmax(top_gtk1[..., :k], axis=-1)
+    gates_gte = jnp.sum(jax.nn.one_hot(idx_gtk, num_experts) * weights_gtk[..., None], axis=-2)
+    importance_loss = cv_squared(jnp.sum(gates_gte, axis=(0, 1)))
+    # k-th largest noisy logit excluding expert e: the (k+1)-th if e is in the top k, else k-th.
+    in_top_gte = jnp.sum(jax.nn.one_hot(idx_gtk, num_experts), axis=-2) > 0
+    threshold_gte = jnp.where(in_top_gte, top_gtk1[..., k : k + 1], top_gtk1[..., k - 1 : k])
+    prob_kept_gte = norm.cdf((clean_gte - threshold_gte) / (noise_std_gte + 1e-9))
+    load_loss = cv_squared(jnp.sum(prob_kept_gte, axis=(0, 1)))
+    probs = jax.nn.softmax(clean_gte, axis=-1)
+    common = _common(clean_gte, probs, idx_gtk[..., 0])
+    common.update(importance_loss=importance_loss, load_loss=load_loss)
+    return Routing(
+        expert_index=idx_gtk,
+        combine_weights=weights_gtk,
+        dispatch_mask=jnp.ones(idx_gtk.shape, jnp.bool_),
+        **common,
+    )
+
+
+def expert_choice(logits_gte: jax.Array, capacity: int) -> ExpertChoiceRouting:
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens by router prob.
+
+    Balanced by construction, but a token's experts depend on later tokens of its group, so
+    it is not causal: do not use it for autoregressive decoding.
+    """
+    probs = jax.nn.softmax(logits_gte, axis=-1)
+    capacity = min(capacity, probs.shape[1])
+    weights_gec, token_gec = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
+    return ExpertChoiceRouting(
+        token_index=token_gec.astype(jnp.int32),
+        combine_weights=weights_gec,
+        probs=probs,
+        aux_loss=load_balancing_loss(probs, jnp.argmax(probs, axis=-1)),
+        z_loss=router_z_loss(logits_gte),
+    )

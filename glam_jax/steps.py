@@ -1,0 +1,233 @@
+"""Train state created already sharded, the loss, and the jitted train/eval steps.
+
+Pure functions of (config, model, optimizer, mesh); the training loop in `train.py` only calls
+them. Shardings come from the parameters' logical axis names through `glam_jax.sharding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from glam_jax import sharding
+from glam_jax.model import Transformer, frozen
+from glam_jax.optim import learning_rate_schedule
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights", "target_chars")
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a checkpoint needs besides the data-iterator state."""
+
+    step: jax.Array  # int32 scalar
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2]; per-step keys are fold_in(rng, step), so resumes are exact
+
+
+def build_model(config: ml_collections.ConfigDict) -> Transformer:
+    return Transformer(frozen(config))
+
+
+def _dummy_inputs(config) -> jax.Array:
+    return jnp.zeros((1, config.train.seq_len), jnp.int32)
+
+
+def abstract_boxed_params(model: Transformer, config) -> Any:
+    """Parameter shapes with their logical-axis boxes, without allocating anything."""
+    return jax.eval_shape(
+        lambda rng: model.init({"params": rng}, _dummy_inputs(config))["params"],
+        jax.random.PRNGKey(0),
+    )
+
+
+def param_partition_specs(model: Transformer, config) -> Any:
+    """PartitionSpec of every parameter (same tree as the unboxed params)."""
+    return sharding.logical_specs(abstract_boxed_params(model, config))
+
+
+def _opt_leaf_spec(leaf, param, spec: PartitionSpec) -> PartitionSpec:
+    """An optimizer-state leaf shares its parameter's spec; factored moments drop one axis."""
+    spec = tuple(spec) + (None,) * (param.ndim - len(tuple(spec)))
+    if leaf.shape == param.shape:
+        return PartitionSpec(*spec)
+    if leaf.shape == param.shape[:-1]:  # Adafactor row statistics
+        return PartitionSpec(*spec[:-1])
+    if leaf.shape == param.shape[:-2] + param.shape[-1:]:  # Adafactor column statistics
+        return PartitionSpec(*(spec[:-2] + spec[-1:]))
+    return PartitionSpec()
+
+
+def opt_state_specs(abstract_opt_state, abstract_params, p_specs) -> Any:
+    """Specs for optimizer state: each per-parameter subtree mirrors the parameter tree."""
+    params_def = jax.tree.structure(abstract_params)
+    flat_params = params_def.flatten_up_to(abstract_params)
+    flat_specs = params_def.flatten_up_to(p_specs)
+
+    def is_param_tree(x):
+        try:
+            return jax.tree.structure(x) == params_def
+        except Exception:  # noqa: BLE001 - odd leaves are simply not parameter trees
+            return False
+
+    def specs_for(sub):
+        if is_param_tree(sub):
+            leaves = params_def.flatten_up_to(sub)
+            return params_def.unflatten(
+                [
+                    _opt_leaf_spec(lf, p, s)
+                    for lf, p, s in zip(leaves, flat_params, flat_specs, strict=True)
+                ]
+            )
+        return jax.tree.map(lambda _: PartitionSpec(), sub)
+
+    return jax.tree.map(specs_for, abstract_opt_state, is_leaf=is_param_tree)
+
+
+def create_train_state(
+    config, model: Transformer, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
+    """Initialises params and optimizer state directly into their shardings on `mesh`.
+
+    Returns (state, state_shardings).
+    """
+
+    def init_fn(rng):
+        params = nn.unbox(model.init({"params": rng}, _dummy_inputs(config))["params"])
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(config.seed + 1),
+        )
+
+    rng = jax.random.PRNGKey(config.seed)
+    with sharding.use_mesh(mesh):
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = state_shardings(config, model, abstract, mesh)
+        state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def state_shardings(config, model: Transformer, abstract: TrainState, mesh: Mesh) -> TrainState:
+    """NamedShardings for every leaf of the train state."""
+    p_specs = param_partition_specs(model, config)
+    o_specs = opt_state_specs(abstract.opt_state, abstract.params, p_specs)
+    specs = TrainState(step=PartitionSpec(), params=p_specs, opt_state=o_specs, rng=PartitionSpec())
+    return sharding.named_shardings(mesh, specs)
+
+
+def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array):
+    """Per-token negative log-likelihood and log-partition (for the logits z-loss), float32."""
+    logits = logits_btv.astype(jnp.float32)
+    logz_bt = jax.nn.logsumexp(logits, axis=-1)
+    target_logit_bt = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
+    return (logz_bt - target_logit_bt) * weights_bt, logz_bt
+
+
+def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool):
+    """Total loss = CE + logits z-loss + weighted MoE losses; also returns metrics."""
+    moe, tc = config.moe, config.train
+    rngs = {}
+    if rng is not None:
+        r_route, r_drop = jax.random.split(rng)
+        rngs = {"routing": r_route, "dropout": r_drop}
+    logits, stats = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["segment_ids"],
+        batch["positions"],
+        train=train,
+        rngs=rngs,
+    )
+    weights = batch["weights"].astype(jnp.float32)
+    nll_bt, logz_bt = cross_entropy(logits, batch["targets"], weights)
+    denom = jnp.maximum(jnp.sum(weights), 1.0)
+    ce = jnp.sum(nll_bt) / denom
+    logits_z = jnp.sum(jnp.square(logz_bt) * weights) / denom
+    loss = (
+        ce
+        + tc.logits_z_loss_weight * logits_z
+        + moe.aux_loss_weight * stats["aux_loss"]
+        + moe.z_loss_weight * stats["z_loss"]
+        + moe.get("importance_loss_weight", 0.0) * stats["importance_loss"]
+        + moe.get("load_loss_weight", 0.0) * stats["load_loss"]
+    )
+    metrics = dict(stats, loss=loss, ce_loss=ce, logits_z_loss=logits_z)
+    metrics["nll_sum"] = jnp.sum(nll_bt)
+    metrics["weight_sum"] = jnp.sum(weights)
+    metrics["char_sum"] = jnp.sum(batch["target_chars"].astype(jnp.float32) * weights)
+    return loss, metrics
+
+
+def make_train_step(
+    config, model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, shardings: TrainState
+) -> Callable:
+    """jit(state, batch) -> (state, metrics), state donated, batch split over data x expert."""
+    schedule_lr = learning_rate_schedule(config.train)
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, batch, rng, model, config, True)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = schedule_lr(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return _in_mesh(jitted, mesh)
+
+
+def make_eval_step(config, model: Transformer, mesh: Mesh, param_shardings) -> Callable:
+    """jit(params, batch) -> metrics summed over the batch (nll, weights, characters)."""
+
+    def eval_step(params, batch):
+        _, metrics = loss_and_metrics(params, batch, None, model, config, False)
+        return metrics
+
+    batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
+    jitted = jax.jit(
+        eval_step,
+        in_shardings=(param_shardings, batch_shardings),
+        out_shardings=sharding.replicated(mesh),
+    )
+    return _in_mesh(jitted, mesh)
+
+
+def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """Calls (and so traces) fn with the mesh and logical rules active; keeps .lower()."""
+
+    def wrapped(*args):
+        with sharding.use_mesh(mesh):
+            return fn(*args)
+
+    def lower(*args):
+        with sharding.use_mesh(mesh):
+            return fn.lower(*args)
+
+    wrapped.lower = lower
+    return wrapped
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+    """Per-process numpy batch -> global jax arrays split over data x expert."""
+    shard: NamedSharding = sharding.batch_sharding(mesh)
+    return {key: jax.make_array_from_process_local_data(shard, batch[key]) for key in BATCH_KEYS}

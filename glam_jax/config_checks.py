@@ -5,11 +5,12 @@ from __future__ import annotations
 import ml_collections
 
 from glam_jax import dispatch, routing
+from glam_jax.errors import GlamError
 from glam_jax.layers import dtype_of
 from glam_jax.model import REMAT_POLICIES
 
 
-class ConfigError(ValueError):
+class ConfigError(GlamError):
     """An invalid config value; the message names the field, the value and what is valid."""
 
 

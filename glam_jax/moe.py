@@ -15,11 +15,12 @@ import jax.numpy as jnp
 
 from glam_jax import dispatch as dispatch_lib
 from glam_jax import routing
+from glam_jax.errors import GlamError
 from glam_jax.layers import constrain, dtype_of, param_with_axes
 from glam_jax.sharding import logical_axis_size
 
 
-class MoEError(ValueError):
+class MoEError(GlamError):
     """A routing-group or capacity problem, reported in one sentence."""
 
 
@@ -138,7 +139,8 @@ class MoE(nn.Module):
             onehot_gtke = jax.nn.one_hot(r.expert_index, e, dtype=jnp.float32)
             sent = mask_gtk.astype(jnp.float32)
             load_e = jnp.einsum("gtke,gtk->e", onehot_gtke, sent) / jnp.maximum(jnp.sum(sent), 1.0)
-            dropped = 1.0 - jnp.sum(kept_gtk) / jnp.maximum(jnp.sum(sent), 1.0)
+            # (sent - kept) / sent, not 1 - kept / sent: exactly 0 when nothing drops
+            dropped = (jnp.sum(sent) - jnp.sum(kept_gtk)) / jnp.maximum(jnp.sum(sent), 1.0)
             losses = dict(
                 aux_loss=r.aux_loss,
                 z_loss=r.z_loss,

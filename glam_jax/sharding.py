@@ -20,6 +20,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from glam_jax.errors import GlamError
+
 MESH_AXES = ("data", "expert", "model")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -42,7 +44,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 LOGICAL_AXES = frozenset(name for name, _ in LOGICAL_RULES)
 
 
-class ShardingError(ValueError):
+class ShardingError(GlamError):
     """A mesh or axis-name problem, reported in one sentence."""
 
 

@@ -101,6 +101,17 @@ def create_train_state(
     Returns (state, state_shardings).
     """
 
+    init_fn = make_init_fn(config, model, tx)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract, shardings = abstract_state(config, model, tx, mesh)
+    with sharding.use_mesh(mesh):
+        state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def make_init_fn(config, model: Transformer, tx: optax.GradientTransformation) -> Callable:
+    """rng -> fresh TrainState (params from `rng`, per-step keys from config.seed + 1)."""
+
     def init_fn(rng):
         params = nn.unbox(model.init({"params": rng}, _dummy_inputs(config))["params"])
         return TrainState(
@@ -110,12 +121,20 @@ def create_train_state(
             rng=jax.random.PRNGKey(config.seed + 1),
         )
 
-    rng = jax.random.PRNGKey(config.seed)
+    return init_fn
+
+
+def abstract_state(
+    config, model: Transformer, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
+    """(ShapeDtypeStructs carrying their shardings, shardings) of the train state; no allocation."""
     with sharding.use_mesh(mesh):
-        abstract = jax.eval_shape(init_fn, rng)
-        shardings = state_shardings(config, model, abstract, mesh)
-        state = jax.jit(init_fn, out_shardings=shardings)(rng)
-    return state, shardings
+        shapes = jax.eval_shape(make_init_fn(config, model, tx), jax.random.PRNGKey(0))
+        shardings = state_shardings(config, model, shapes, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    return abstract, shardings
 
 
 def state_shardings(config, model: Transformer, abstract: TrainState, mesh: Mesh) -> TrainState:
@@ -181,7 +200,7 @@ def make_train_step(
         (_, metrics), grads = grad_fn(state.params, batch, rng, model, config, True)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         metrics["learning_rate"] = schedule_lr(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

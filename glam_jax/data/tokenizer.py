@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from glam_jax.data.text_corpus import DataError
@@ -45,6 +46,18 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
             f"tokenizer {str(path)!r} has no BOS or EOS piece; the pipeline needs both."
         )
     return tokenizer
+
+
+def piece_char_counts(tokenizer: spm.SentencePieceProcessor) -> np.ndarray:
+    """Characters of text each piece id stands for, assuming a lossless tokenizer: a piece's
+    length ('▁' is one space), 1 for a byte piece that starts a UTF-8 character, else 0."""
+    counts = np.zeros(tokenizer.vocab_size(), np.int32)
+    for i in range(tokenizer.vocab_size()):
+        if tokenizer.is_byte(i):
+            counts[i] = int(tokenizer.id_to_piece(i)[3:5], 16) & 0xC0 != 0x80
+        elif not (tokenizer.is_control(i) or tokenizer.is_unknown(i)):
+            counts[i] = len(tokenizer.id_to_piece(i))
+    return counts
 
 
 def _training_lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:

@@ -1,0 +1,9 @@
+"""GLaM (64bB/64E) with the published shapes; the same as configs/glam.py:size=64b."""
+
+import ml_collections
+
+from configs import glam
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return glam.get_config("64b")

@@ -1,0 +1,9 @@
+"""GLaM (8bB/64E) with the published shapes; the same as configs/glam.py:size=8b."""
+
+import ml_collections
+
+from configs import glam
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return glam.get_config("8b")

@@ -1,0 +1,31 @@
+"""Trains a glam_jax model.
+
+python experiments/train.py --config=configs/glam_tiny.py --workdir=/tmp/glam_tiny
+python experiments/train.py --config=configs/glam.py:size=1_7b --workdir=... \
+    --config.mesh.shape="(-1,8,1)" --config.data.text_files=/data/*.txt
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from glam_jax import train
+from glam_jax.errors import GlamError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (optionally :variant).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and data cache go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter; --verbosity=0 shows it
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except GlamError as err:  # a bad config, corpus or workdir: one sentence, no traceback
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,130 @@
+"""Orbax checkpoints of the train state together with the data-iterator state.
+
+One step directory holds `state` (params, optimizer state, step, rng; restored straight into
+their shardings) and `data` (the grain iterator state as JSON), so a resumed run continues
+with exactly the batch the interrupted one would have seen next. The model part of the config
+is stored beside the checkpoints; resuming with a different model shape fails in one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from glam_jax.errors import GlamError
+from glam_jax.steps import TrainState
+
+# Config fields that change parameter shapes or meaning; a workdir is tied to them.
+MODEL_FIELDS = ("model", "moe")
+SHAPE_FIELDS = {
+    "model": (
+        "vocab_size",
+        "num_layers",
+        "embed_dim",
+        "mlp_dim",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "ffn_glu",
+        "position",
+        "rel_buckets",
+        "tie_embeddings",
+        "norm",
+    ),
+    "moe": ("num_experts", "every", "moe_index_in_block", "expert_mlp_dim", "router"),
+}
+
+
+class CheckpointError(GlamError):
+    """A checkpoint that does not fit this run, reported in one sentence."""
+
+
+class Checkpointer:
+    """Saves/restores TrainState + data state under <workdir>/checkpoints."""
+
+    def __init__(self, workdir: str, config, *, is_primary: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self._config_path = os.path.join(workdir, "model_config.json")
+        tc = config.train
+        policies = [ocp.checkpoint_managers.LatestN(n=tc.keep_checkpoints)]
+        if tc.keep_best:
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: m["eval_loss"],
+                    reverse=True,  # lowest eval loss is best (orbax's convention for 'min')
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=tc.async_checkpoint,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            create=True,
+        )
+        self._check_or_write_model_config(config, is_primary)
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "data"), options=options
+        )
+
+    def _check_or_write_model_config(self, config, is_primary: bool) -> None:
+        current = {
+            part: {key: config[part][key] for key in SHAPE_FIELDS[part]} for part in MODEL_FIELDS
+        }
+        if os.path.exists(self._config_path):
+            with open(self._config_path) as f:
+                stored = json.load(f)
+            diffs = [
+                f"{part}.{key}: checkpoint {stored.get(part, {}).get(key)!r} vs config {value!r}"
+                for part, fields in current.items()
+                for key, value in fields.items()
+                if stored.get(part, {}).get(key) != value
+            ]
+            if diffs:
+                raise CheckpointError(
+                    f"the workdir {os.path.dirname(self._config_path)} holds a checkpoint of a "
+                    f"different model ({'; '.join(diffs)}); use a new --workdir or the old config."
+                )
+        elif is_primary:
+            os.makedirs(os.path.dirname(self._config_path), exist_ok=True)
+            with open(self._config_path, "w") as f:
+                json.dump(current, f, indent=1)
+
+    @property
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self, step: int, state: TrainState, data_state: dict, metrics: dict | None = None
+    ) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        )
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[Any, dict]:
+        """(state in the abstract state's shardings, data-iterator state) of `step` or latest."""
+        step = self.latest_step if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found under {self.directory}.")
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        )
+        try:
+            restored = self.manager.restore(step, args=args)
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err)
+            raise CheckpointError(
+                f"checkpoint step {step} under {self.directory} does not match this model or "
+                f"optimizer ({first}); use a new --workdir or the config it was written with."
+            ) from None
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,339 @@
+"""Grain input pipeline: documents -> SentencePiece tokens -> packed rows -> per-process batches,
+with a small JSON-safe iterator state that a checkpoint stores beside params and optimizer.
+
+Each document becomes [BOS] + pieces + [EOS], shifted by one into inputs/targets, so every target
+is the next token of the same document. Documents are concatenated and split into rows of
+`seq_len` (grain's ConcatThenSplit packing): a row holds several documents, and a document longer
+than a row continues in the next one as a new chunk. Every batch is a dict of numpy arrays of
+shape [per_process_batch, seq_len]:
+
+  inputs        int32    token ids (padding slots hold 0, the pad id of trained tokenizers)
+  targets       int32    next token of the same document
+  segment_ids   int32    1, 2, 3... per document chunk in the row, 0 for padding; attention must
+                         not cross segments
+  positions     int32    position inside the chunk, restarting at 0 for each chunk
+  weights       float32  1 where the target is a real token, 0 for padding
+  target_chars  int32    characters of text the target stands for (its piece's length; for a
+                         lossy loaded tokenizer, the original characters up to the piece's end);
+                         EOS counts 1 (the document separator), so a whole document's targets add
+                         up to len(text) + 1 and bits per char = sum(nll*w) / ln 2 / sum(chars*w)
+
+Trained tokenizers use pad 0, unk 1, bos 2, eos 3 (see tokenizer.py); a loaded one keeps its own
+bos/eos ids.
+
+Training data is sharded by document across processes, shuffled afresh each epoch and repeated
+forever. Evaluation packs the whole validation split in a fixed order and deals each global batch
+out by rows, so every process sees the same number of batches; the last is padded with weight 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+from absl import flags
+from grain.experimental import ConcatThenSplitIterDataset
+
+from glam_jax.data import text_corpus
+from glam_jax.data import tokenizer as tokenizer_lib
+from glam_jax.data.text_corpus import DataError
+
+Batch = dict[str, np.ndarray]
+_PACKED_FEATURES = ("inputs", "targets", "target_chars")
+# Read in the calling thread: grain's prefetch threads cost more than they save for this
+# Python-bound work (data.worker_count gives real parallelism).
+_READ_INLINE = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataBundle:
+    """Everything the training loop needs from the data layer."""
+
+    tokenizer: spm.SentencePieceProcessor
+    train_iter: TrainIterator  # this process's batches, forever; checkpoint its get_state()
+    make_eval_iter: Callable[[], Iterator[Batch]]  # a fresh pass over the validation split
+    num_train_documents: int  # in the whole split, all processes together
+    num_eval_documents: int
+
+
+class TrainIterator:
+    """Endless training batches whose `get_state()` survives a JSON round trip exactly."""
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._iterator = iter(dataset)
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        """The position after the last batch returned, as plain JSON types."""
+        return json.loads(json.dumps(self._iterator.get_state()))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues right after the batch at which `state` was taken."""
+        self._iterator.set_state(_restore_slices(state))
+
+    def close(self) -> None:
+        """Stops grain's worker processes now rather than at interpreter exit (noisily)."""
+        self._iterator.close()
+
+
+def _restore_slices(state: Any) -> Any:
+    """Turns JSON lists back into the tuples ConcatThenSplit compares its slices against.
+
+    Its 'no remainder' marker is the tuple (-1, -1); a list never equals it, so a restored
+    empty remainder would be taken for a real one.
+    """
+    if isinstance(state, list):  # worker processes keep a list of per-worker states
+        return [_restore_slices(value) for value in state]
+    if not isinstance(state, dict):
+        return state
+    return {
+        key: {k: tuple(v) for k, v in value.items()}
+        if key == "remainder_slices"
+        else _restore_slices(value)
+        for key, value in state.items()
+    }
+
+
+class DocumentTokenizer:
+    """Text -> [BOS] + pieces + [EOS] shifted into inputs/targets, with each target's chars."""
+
+    def __init__(self, tokenizer: spm.SentencePieceProcessor):
+        self._tokenizer = tokenizer
+        self._piece_chars = tokenizer_lib.piece_char_counts(tokenizer)
+
+    def __call__(self, text: str) -> Batch:
+        tok = self._tokenizer
+        ids = np.array([tok.bos_id(), *tok.encode(text), tok.eos_id()], np.int32)
+        chars = self._piece_chars[ids[1:]]
+        chars[-1] = 1
+        # The lookup is exact for lossless tokenizers; otherwise (unk pieces, a dummy prefix,
+        # normalisation) charge each piece the original characters up to its end.
+        if chars.sum() != len(text) + 1:
+            chars = _chars_by_span(text, tok.encode(text, return_type="proto").pieces)
+        return {"inputs": ids[:-1], "targets": ids[1:], "target_chars": chars}
+
+
+def _chars_by_span(text: str, pieces: Sequence[Any]) -> np.ndarray:
+    """Characters of `text` between consecutive piece ends (SentencePiece gives byte offsets);
+    whatever the pieces leave uncovered at the end goes to EOS, which also counts 1."""
+    lead_bytes = (np.frombuffer(text.encode("utf-8"), np.uint8) & 0xC0) != 0x80
+    chars_before_byte = np.concatenate([[0], np.cumsum(lead_bytes)])
+    ends = chars_before_byte[[p.end for p in pieces]]
+    return np.diff(ends, prepend=0, append=len(text) + 1).astype(np.int32)
+
+
+def _tokenize_example(
+    example: dict[str, Any], *, text_key: str, tokenize: DocumentTokenizer
+) -> Batch:
+    return tokenize(text_corpus.document_text(example, text_key))
+
+
+def _to_layout(batch: Batch) -> Batch:
+    """Packed grain features -> the batch layout in this module's docstring."""
+    segment_ids = batch["inputs_segment_ids"]
+    return {
+        "inputs": batch["inputs"],
+        "targets": batch["targets"],
+        "segment_ids": segment_ids,
+        "positions": batch["inputs_positions"],
+        "weights": (segment_ids > 0).astype(np.float32),
+        "target_chars": batch["target_chars"],
+    }
+
+
+def shard_documents(
+    documents: grain.MapDataset, *, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """This process's share of the documents: every process_count-th, from process_index."""
+    return documents[process_index::process_count]
+
+
+def _packed_rows(
+    documents: grain.MapDataset, text_key: str, tokenize: DocumentTokenizer, seq_len: int
+) -> grain.IterDataset:
+    return ConcatThenSplitIterDataset(
+        documents.map(
+            functools.partial(_tokenize_example, text_key=text_key, tokenize=tokenize)
+        ).to_iter_dataset(_READ_INLINE),
+        length_struct={name: seq_len for name in _PACKED_FEATURES},
+    )
+
+
+def _train_dataset(
+    source: Sequence[dict[str, Any]],
+    *,
+    text_key: str,
+    tokenize: DocumentTokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    worker_count: int,
+    process_index: int,
+    process_count: int,
+) -> grain.IterDataset:
+    documents = shard_documents(
+        grain.MapDataset.source(source), process_index=process_index, process_count=process_count
+    )
+    # shuffle-then-repeat reseeds the shuffle for each epoch.
+    documents = documents.shuffle(seed=seed).repeat()
+    rows = _packed_rows(documents, text_key, tokenize, seq_len)
+    batches = rows.batch(batch_size, drop_remainder=True).map(_to_layout)
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app
+            flags.FLAGS.mark_as_parsed()  # (tests, notebooks) take their defaults.
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return batches
+
+
+def _eval_batches(
+    source: Sequence[dict[str, Any]],
+    *,
+    text_key: str,
+    tokenize: DocumentTokenizer,
+    seq_len: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> Iterator[Batch]:
+    """The validation split once, in order: each global batch of rows (the last padded with
+    zero rows) is dealt out by process, so all processes yield the same number of batches."""
+    per_process = global_batch_size // process_count
+    start = process_index * per_process
+    rows = _packed_rows(grain.MapDataset.source(source), text_key, tokenize, seq_len)
+    for batch in rows.batch(global_batch_size, drop_remainder=False).map(_to_layout):
+        yield {
+            name: np.pad(array, [(0, global_batch_size - len(array)), (0, 0)])[
+                start : start + per_process
+            ]
+            for name, array in batch.items()
+        }
+
+
+def _open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus.Corpus:
+    """The catalog dataset, else the text files, else the embedded corpus."""
+    if data.tfds_name:
+        return text_corpus.open_catalog_corpus(
+            data.tfds_name,
+            data_dir=data.tfds_data_dir,
+            text_key=data.tfds_text_key,
+            train_split=data.tfds_train_split,
+            eval_split=data.tfds_eval_split,
+        )
+    if data.text_files:
+        files, label, embedded = text_corpus.resolve_text_files(data.text_files), "text", False
+        if not files:
+            raise DataError(f"data.text_files={data.text_files!r} names no file.")
+    else:
+        files, label, embedded = [text_corpus.embedded_corpus(data.corpus)], data.corpus, True
+    return text_corpus.prepare_text_corpus(
+        files,
+        label=label,
+        embedded=embedded,
+        document_split=data.document_split,
+        validation_fraction=data.validation_fraction,
+        cache_dir=cache_dir,
+    )
+
+
+def _check_shapes(config: ml_collections.ConfigDict, process_count: int) -> None:
+    if config.train.seq_len > config.model.max_len:
+        raise DataError(
+            f"train.seq_len={config.train.seq_len} exceeds model.max_len={config.model.max_len}; "
+            "use a seq_len of at most max_len."
+        )
+    for name in ("batch_size", "eval_batch_size"):
+        size = config.train[name]
+        if size <= 0 or size % process_count:
+            raise DataError(
+                f"train.{name}={size} is not a positive multiple of the process count "
+                f"{process_count}."
+            )
+
+
+def build_datasets(
+    config: ml_collections.ConfigDict,
+    cache_dir: str | Path | None,
+    *,
+    process_index: int,
+    process_count: int,
+) -> DataBundle:
+    """`create_datasets` for an explicit process position (tests simulate several processes)."""
+    _check_shapes(config, process_count)
+    data = config.data
+    cache_dir = data.cache_dir or cache_dir
+    if not cache_dir:
+        raise DataError("no cache directory: set data.cache_dir or pass cache_dir.")
+    corpus = _open_corpus(data, str(cache_dir))
+    if len(corpus.train) < process_count:
+        raise DataError(
+            f"the training split has {len(corpus.train)} documents, fewer than the "
+            f"{process_count} processes that share it."
+        )
+    training_texts = (
+        text_corpus.document_text(example, corpus.text_key)
+        for example in grain.MapDataset.source(corpus.train)
+        .shuffle(seed=config.seed)
+        .to_iter_dataset(_READ_INLINE)
+    )
+    tokenizer = tokenizer_lib.get_tokenizer(
+        tokenizer_path=data.tokenizer_path,
+        cache_dir=cache_dir,
+        corpus_identity=corpus.identity,
+        documents=training_texts,
+        vocab_size=config.model.vocab_size,
+        model_type=data.spm_model_type,
+        seed=config.seed,
+    )
+    seq_len, tokenize = config.train.seq_len, DocumentTokenizer(tokenizer)
+    train = _train_dataset(
+        corpus.train,
+        text_key=corpus.text_key,
+        tokenize=tokenize,
+        seq_len=seq_len,
+        batch_size=config.train.batch_size // process_count,
+        seed=data.shuffle_seed,
+        worker_count=data.worker_count,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    make_eval_iter = functools.partial(
+        _eval_batches,
+        corpus.validation,
+        text_key=corpus.text_key,
+        tokenize=tokenize,
+        seq_len=seq_len,
+        global_batch_size=config.train.eval_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return DataBundle(
+        tokenizer=tokenizer,
+        train_iter=TrainIterator(train),
+        make_eval_iter=make_eval_iter,
+        num_train_documents=len(corpus.train),
+        num_eval_documents=len(corpus.validation),
+    )
+
+
+def create_datasets(
+    config: ml_collections.ConfigDict, cache_dir: str | Path | None = None
+) -> DataBundle:
+    """Builds the tokenizer, the endless training iterator and the eval-iterator factory for this
+    process; `cache_dir` is used unless `config.data.cache_dir` is set."""
+    return build_datasets(
+        config, cache_dir, process_index=jax.process_index(), process_count=jax.process_count()
+    )

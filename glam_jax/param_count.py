@@ -1,0 +1,85 @@
+"""python -m glam_jax.param_count --config=configs/glam_1_7b_64e.py [--json]
+
+Total and activated-per-token parameters and training FLOPs per token, from abstract shapes,
+printed beside the GLaM paper's figures where the config carries them (config.paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from glam_jax import flops
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+
+def report(config) -> dict:
+    counts = flops.count(config)
+    out = dataclasses.asdict(counts)
+    out["convention"] = (
+        "total: every parameter; activated: non-expert + k/E of expert weights; "
+        "two_matrix: FFN gate matrices wi_1 left out (the paper's convention); "
+        "flops_per_token: training (3 x forward) matmul + causal attention FLOPs"
+    )
+    paper = config.get("paper")
+    if paper is not None:
+        out["paper"] = {
+            "name": paper.name,
+            "total_params": paper.total_params,
+            "activated_params": paper.activated_params,
+            "ratio_total_as_built": counts.total_params / paper.total_params,
+            "ratio_total_two_matrix": counts.total_params_two_matrix / paper.total_params,
+            "ratio_activated_two_matrix": counts.activated_params_two_matrix
+            / paper.activated_params,
+        }
+    return out
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return f"{n:.0f}"
+
+
+def main(argv) -> None:
+    del argv
+    out = report(_CONFIG.value)
+    if _JSON.value:
+        print(json.dumps(out))
+        return
+    paper = out.get("paper")
+    rows = [
+        ("total params (as built, gated FFN)", out["total_params"], "total_params", None),
+        ("total params (two-matrix FFN)", out["total_params_two_matrix"], "total_params", 1),
+        ("activated/token (as built)", out["activated_params"], "activated_params", None),
+        (
+            "activated/token (two-matrix FFN)",
+            out["activated_params_two_matrix"],
+            "activated_params",
+            1,
+        ),
+    ]
+    print(f"{'quantity':38s} {'glam_jax':>12s} {'paper':>10s} {'ratio':>7s}")
+    for label, value, key, _ in rows:
+        ref = paper[key] if paper else None
+        ratio = f"{value / ref:7.3f}" if ref else ""
+        print(f"{label:38s} {_fmt(value):>12s} {_fmt(ref) if ref else '':>10s} {ratio}")
+    print(f"{'expert params':38s} {_fmt(out['expert_params']):>12s}")
+    print(
+        f"{'train FLOPs/token (seq ' + str(out['seq_len']) + ')':38s} "
+        f"{_fmt(out['flops_per_token']):>12s}"
+    )
+    if paper:
+        print(f"paper row: {paper['name']}")
+    print(f"convention: {out['convention']}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

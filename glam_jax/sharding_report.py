@@ -1,0 +1,103 @@
+"""python -m glam_jax.sharding_report --config=configs/glam_tiny.py --mesh=2,4,1 [--json]
+
+Prints the PartitionSpec of every parameter and, for the expert weights, which expert indices
+each device holds in each layer. Shapes only: nothing is allocated. On a CPU host with fewer
+devices than the mesh needs, that many CPU devices are simulated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
+_MESH = flags.DEFINE_string("mesh", "1,1,1", "Mesh sizes data,expert,model.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or any(v < 1 for v in shape):
+        raise app.UsageError(f"--mesh={text!r} must be three positive sizes data,expert,model.")
+    return shape  # type: ignore[return-value]
+
+
+def report(config, mesh_shape) -> dict:
+    """{'params': {path: spec}, 'expert_placement': {device: [[ids per layer], ...]}}."""
+    import jax
+
+    from glam_jax import config_checks, sharding, steps
+
+    config_checks.check_model(config)
+    if config.moe.num_experts and config.moe.num_experts % mesh_shape[1]:
+        raise app.UsageError(
+            f"moe.num_experts={config.moe.num_experts} is not divisible by the expert axis "
+            f"{mesh_shape[1]}."
+        )
+    devices = jax.devices()[: math.prod(mesh_shape)]
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    model = steps.build_model(config)
+    abstract = steps.abstract_boxed_params(model, config)
+    specs = sharding.logical_specs(abstract)
+    flat_specs = jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )[0]
+    params = {jax.tree_util.keystr(p, simple=True, separator="/"): str(s) for p, s in flat_specs}
+    placement = {}
+    for path, spec in flat_specs:
+        key = jax.tree_util.keystr(path, simple=True, separator="/")
+        if "/moe/" in key and key.endswith("wi_0"):
+            leaf = nn_value(abstract, path)
+            shard = jax.sharding.NamedSharding(mesh, spec)
+            for device, index in shard.devices_indices_map(leaf.shape).items():
+                layers, experts = index[0], index[1]
+                ids = list(range(leaf.shape[1]))[experts]
+                placement[device.id] = [ids for _ in range(leaf.shape[0])[layers]]
+            break
+    return {"mesh": list(mesh_shape), "params": params, "expert_placement": placement}
+
+
+def nn_value(tree, path):
+    """The unboxed abstract leaf at `path` of a tree of LogicallyPartitioned boxes."""
+    node = tree
+    for p in path:
+        node = node[p.key]
+    return node.value if hasattr(node, "value") else node
+
+
+def main(argv) -> None:
+    del argv
+    shape = parse_mesh(_MESH.value)
+    need = math.prod(shape)
+    flags_env = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags_env:
+        os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={need}"
+    out = report(_CONFIG.value, shape)
+    if _JSON.value:
+        print(json.dumps(out))
+        return
+    print(f"mesh (data, expert, model) = {tuple(shape)}")
+    width = max(len(k) for k in out["params"])
+    for path, spec in out["params"].items():
+        print(f"{path:{width}s}  {spec}")
+    if out["expert_placement"]:
+        print("\nexpert ids held by each device, per layer:")
+        for device, layers in out["expert_placement"].items():
+            same = all(ids == layers[0] for ids in layers)
+            print(
+                f"device {device}: {layers[0]} in all {len(layers)} MoE layers"
+                if same
+                else f"device {device}: {layers}"
+            )
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

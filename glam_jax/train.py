@@ -1,0 +1,191 @@
+"""The training loop: config -> mesh/model -> data -> train step -> metrics/checkpoints.
+
+`train_and_evaluate(config, workdir)` is the one entry point (experiments/train.py calls it).
+Interrupt it at any point and run it again with the same workdir: it resumes from the newest
+checkpoint, data order included, and reproduces the unbroken run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from glam_jax import checkpoint, config_checks, flops, optim, sharding, steps
+from glam_jax.data import create_datasets
+from glam_jax.metrics_writer import MetricsWriter
+
+LN2 = math.log(2.0)
+
+
+def say(message: str, bar=None) -> None:
+    """A progress line on the primary process (through tqdm when a bar is showing)."""
+    if jax.process_index() != 0:
+        return
+    if bar is not None:
+        bar.write(message)
+    else:
+        print(message, flush=True)
+    logging.info(message)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str):
+    """Checks the config, builds mesh, data, model, optimizer and (restored) state."""
+    try:
+        mesh_shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
+    except sharding.ShardingError as err:
+        raise config_checks.ConfigError(str(err)) from None
+    config_checks.check_run(config, mesh_shape)
+    mesh = sharding.make_mesh(mesh_shape)
+    data = create_datasets(config, cache_dir=config.data.cache_dir or os.path.join(workdir, "data"))
+    vocab = data.tokenizer.vocab_size()
+    if vocab > config.model.vocab_size:
+        raise config_checks.ConfigError(
+            f"the tokenizer has {vocab} pieces but model.vocab_size={config.model.vocab_size}; "
+            "set model.vocab_size to at least the tokenizer's size."
+        )
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    ckpt = checkpoint.Checkpointer(workdir, config, is_primary=jax.process_index() == 0)
+    if ckpt.latest_step is not None:
+        abstract, shardings = steps.abstract_state(config, model, tx, mesh)
+        state, data_state = ckpt.restore(abstract)
+        data.train_iter.set_state(data_state)
+        say(f"Resumed from step {int(state.step)} in {ckpt.directory}")
+    else:
+        state, shardings = steps.create_train_state(config, model, tx, mesh)
+    return mesh, data, model, tx, ckpt, state, shardings
+
+
+def evaluate(eval_step, params, data, mesh, max_batches: int) -> dict[str, float]:
+    """Loss, perplexity and bits per character over the validation split (or max_batches)."""
+    nll = weight = chars = 0.0
+    for i, batch in enumerate(data.make_eval_iter()):
+        if max_batches and i >= max_batches:
+            break
+        m = eval_step(params, steps.global_batch(batch, mesh))
+        nll += float(m["nll_sum"])
+        weight += float(m["weight_sum"])
+        chars += float(m["char_sum"])
+    loss = nll / max(weight, 1.0)
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_bits_per_char": nll / LN2 / max(chars, 1.0),
+        "eval_tokens": weight,
+    }
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Drops rows logged after the checkpoint we resume from (those steps are re-run)."""
+    import json
+
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominator) -> dict:
+    row = {
+        key: np.asarray(metrics[key])
+        for key in (
+            "loss",
+            "ce_loss",
+            "aux_loss",
+            "z_loss",
+            "importance_loss",
+            "load_loss",
+            "logits_z_loss",
+            "learning_rate",
+            "grad_norm",
+            "expert_load",
+            "dropped_fraction",
+            "router_entropy",
+            "top1_stability",
+        )
+        if key in metrics
+    }
+    row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+    if mfu_denominator:
+        row["mfu"] = row["tokens_per_s"] / mfu_denominator
+    return row
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains to config.train.steps with periodic eval and checkpoints; returns the last eval."""
+    tc = config.train
+    os.makedirs(workdir, exist_ok=True)
+    mesh, data, model, tx, ckpt, state, shardings = setup(config, workdir)
+    primary = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=primary)
+    start_step = int(state.step)
+    if primary:
+        _truncate_metrics(writer.path, start_step)
+
+    counts = flops.count(config)
+    peak = flops.peak_flops(jax.devices()[0].device_kind, tc.peak_tflops)
+    mfu_denominator = peak * jax.device_count() / counts.flops_per_token if peak else None
+    say(
+        f"Model: {counts.total_params / 1e6:.4g}M params, "
+        f"{counts.activated_params / 1e6:.4g}M activated/token, "
+        f"{counts.flops_per_token / 1e9:.4g} GFLOP/token (train); mesh {dict(mesh.shape)}; "
+        f"{data.num_train_documents} train / {data.num_eval_documents} eval documents."
+    )
+    train_step = steps.make_train_step(config, model, tx, mesh, shardings)
+    eval_step = steps.make_eval_step(config, model, mesh, shardings.params)
+    tokens_per_step = tc.batch_size * tc.seq_len
+
+    bar = None
+    if tc.progress_bar and primary:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    last_eval: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start_step, tc.steps):
+        batch = steps.global_batch(next(data.train_iter), mesh)
+        state, metrics = train_step(state, batch)
+        window_steps += 1
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - window_start
+            row = _log_row(metrics, elapsed, window_steps * tokens_per_step, mfu_denominator)
+            writer.write(done, row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+        is_eval = (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
+        if is_eval:
+            last_eval = evaluate(eval_step, state.params, data, mesh, tc.eval_batches)
+            writer.write(done, last_eval)
+            say(
+                f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
+                f"perplexity {last_eval['eval_perplexity']:.2f}, "
+                f"bits/char {last_eval['eval_bits_per_char']:.4f}",
+                bar,
+            )
+            window_start = time.perf_counter()  # eval time is not training throughput
+        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
+            ckpt.save(
+                done,
+                state,
+                data.train_iter.get_state(),
+                metrics={"eval_loss": last_eval["eval_loss"]} if is_eval else None,
+            )
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+    writer.close()
+    return last_eval

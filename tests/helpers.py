@@ -1,0 +1,49 @@
+"""Small shared builders for tests: a tiny float32 config and random packed batches."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from configs.glam_tiny import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**moe_overrides):
+    """The glam_tiny config made exact and small: float32, 4 layers, 8 experts, short rows."""
+    config = get_config()
+    config.model.dtype = "float32"
+    config.model.vocab_size = 256
+    config.model.embed_dim = 32
+    config.model.mlp_dim = 64
+    config.model.num_heads = 2
+    config.model.head_dim = 16
+    config.train.batch_size = 8
+    config.train.eval_batch_size = 8
+    config.train.seq_len = 32
+    config.moe.group_size = 32
+    for key, value in moe_overrides.items():
+        config.moe[key] = value
+    return config
+
+
+def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch in the data pipeline's layout with two packed documents per row."""
+    rng = np.random.RandomState(seed)
+    b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
+    tokens = rng.randint(1, v, size=(b, s + 1)).astype(np.int32)
+    split = s // 2
+    segment_ids = np.where(np.arange(s) < split, 1, 2)[None].repeat(b, 0).astype(np.int32)
+    positions = np.where(np.arange(s) < split, np.arange(s), np.arange(s) - split)
+    weights = np.ones((b, s), np.float32)
+    weights[:, split - 1] = 0.0  # the last token of document 1 does not predict document 2
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segment_ids,
+        "positions": positions[None].repeat(b, 0).astype(np.int32),
+        "weights": weights,
+        "target_chars": np.full((b, s), 3, np.int32),
+    }

@@ -1,0 +1,106 @@
+"""GShard placement: experts split over `expert`, layers never split, same experts per device."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glam_jax import optim, sharding, steps
+from tests.helpers import tiny_config
+
+EXPERT_LEAVES = ("wi_0", "wi_1", "wo")
+
+
+def _expert_leaves(params):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+        for path, leaf in flat
+        if "/moe/" in jax.tree_util.keystr(path, simple=True, separator="/")
+        and jax.tree_util.keystr(path, simple=True, separator="/").split("/")[-1] in EXPERT_LEAVES
+    }
+
+
+@pytest.fixture(scope="module")
+def sharded_state():
+    config = tiny_config()
+    config.model.num_layers = 8  # 4 MoE layers
+    mesh = sharding.make_mesh((2, 4, 1), jax.devices()[:8])
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    state, shardings = steps.create_train_state(config, model, tx, mesh)
+    return config, mesh, state, shardings
+
+
+def test_expert_leaves_split_over_expert_axis_layers_unsplit(sharded_state):
+    config, _, state, _ = sharded_state
+    leaves = _expert_leaves(state.params)
+    assert len(leaves) == 3
+    for path, leaf in leaves.items():
+        spec = leaf.sharding.spec
+        assert spec[0] is None, f"{path}: layers axis must not be split, got {spec}"
+        assert spec[1] == "expert", f"{path}: expert axis must map to mesh 'expert', got {spec}"
+        assert leaf.shape[:2] == (4, config.moe.num_experts)
+
+
+def test_each_device_holds_same_expert_ids_in_every_layer(sharded_state):
+    """Write expert id e into every weight of expert e, then read the devices' shards back."""
+    config, mesh, state, _ = sharded_state
+    e = config.moe.num_experts
+    for path, leaf in _expert_leaves(state.params).items():
+        ids = np.broadcast_to(np.arange(e, dtype=np.float32)[None, :, None, None], leaf.shape)
+        marked = jax.device_put(ids, leaf.sharding)
+        held = {}
+        for shard in marked.addressable_shards:
+            data = np.asarray(shard.data)  # [layers, experts on this device, ...]
+            assert data.shape[0] == leaf.shape[0], f"{path}: a device must hold every layer"
+            per_layer = [
+                sorted(set(data[layer].reshape(data.shape[1], -1)[:, 0]))
+                for layer in range(data.shape[0])
+            ]
+            assert all(p == per_layer[0] for p in per_layer), f"{path}: experts differ by layer"
+            held[shard.device.id] = per_layer[0]
+        assert len(held) == 8
+        # 4-way expert axis: each device holds E/4 experts; every expert lives on 2 devices (data).
+        assert all(len(v) == e // 4 for v in held.values())
+        counts = np.bincount(np.concatenate(list(held.values())).astype(int), minlength=e)
+        assert counts.tolist() == [2] * e
+
+
+def test_optimizer_state_of_experts_is_sharded_like_the_weights(sharded_state):
+    _, _, state, _ = sharded_state
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        key = jax.tree_util.keystr(path)
+        if "moe" in key and "wi_0" in key and leaf.ndim >= 2:
+            assert leaf.sharding.spec[0] is None and leaf.sharding.spec[1] == "expert", key
+
+
+def test_batch_split_over_data_and_expert(sharded_state):
+    _, mesh, _, _ = sharded_state
+    assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(
+        ("data", "expert"), None
+    )
+
+
+def test_unknown_logical_axis_is_refused_in_one_sentence():
+    with pytest.raises(sharding.ShardingError, match="unknown logical axis 'experts'"):
+        sharding.logical_to_spec(("batch", "experts"))
+
+    class Bad(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w", nn.with_logical_partitioning(nn.initializers.ones, ("embd",)), (4,))
+            return x * w
+
+    abstract = jax.eval_shape(lambda: Bad().init(jax.random.PRNGKey(0), jnp.ones(4))["params"])
+    with pytest.raises(sharding.ShardingError, match="'embd'"):
+        sharding.logical_specs(abstract)
+
+
+def test_mesh_shape_resolution_and_errors():
+    assert sharding.mesh_shape((-1, 4, 1), 8) == (2, 4, 1)
+    with pytest.raises(sharding.ShardingError, match="does not divide"):
+        sharding.mesh_shape((-1, 3, 1), 8)
+    with pytest.raises(sharding.ShardingError, match="uses 4 devices"):
+        sharding.mesh_shape((2, 2, 1), 8)

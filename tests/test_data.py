@@ -396,6 +396,7 @@ def test_data_errors(tmp_path, case):
             make_config(**overrides(tmp_path)), tmp_path / "cache", process_index=0, process_count=1
         )
     error = info.value
+    assert isinstance(error, ValueError)
     assert "\n" not in str(error), "one sentence"
     assert error.__suppress_context__ or error.__context__ is None, "no chained traceback"
 

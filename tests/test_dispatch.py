@@ -115,6 +115,12 @@ def fast_jit(fn, *args):
     return compiled(*args)
 
 
+def assign_slots(idx, mask, num_experts, capacity):
+    fn = lambda i, m: dispatch.assign_slots(i, m, num_experts, capacity)  # noqa: E731
+    pos, kept = fast_jit(fn, jnp.asarray(idx), jnp.asarray(mask))
+    return np.asarray(pos), np.asarray(kept)
+
+
 def close(a, b, rtol=1e-5, atol=1e-5):
     np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol, atol)
 
@@ -167,15 +173,12 @@ def test_assign_slots_priority_hand_example():
     """
     idx = np.array([[[0, 1], [0, 2], [1, 0], [0, 2]]], np.int32)
     mask = np.array([[[1, 1], [1, 0], [1, 1], [1, 1]]], bool)
-    pos, kept = dispatch.assign_slots(jnp.asarray(idx), jnp.asarray(mask), 3, 2)
-    pos, kept = np.asarray(pos), np.asarray(kept)
+    pos, kept = assign_slots(idx, mask, 3, 2)
     expected_pos = np.array([[[0, 1], [1, -1], [0, 3], [2, 0]]])
     np.testing.assert_array_equal(np.where(mask, pos, -1), expected_pos)
     np.testing.assert_array_equal(kept, [[[1, 1], [1, 0], [1, 0], [0, 1]]])
     # two groups are independent: the second group sees fresh counters
-    pos2, kept2 = dispatch.assign_slots(
-        jnp.asarray(np.concatenate([idx, idx])), jnp.asarray(np.concatenate([mask, mask])), 3, 2
-    )
+    pos2, kept2 = assign_slots(np.concatenate([idx, idx]), np.concatenate([mask, mask]), 3, 2)
     np.testing.assert_array_equal(np.asarray(kept2), np.concatenate([kept, kept]))
     np.testing.assert_array_equal(np.where(mask[0], pos2[1], -1), expected_pos[0])
 
@@ -184,7 +187,7 @@ def test_assign_slots_priority_hand_example():
 def test_assign_slots_matches_loop(k):
     """Random choices and dispatch masks: positions and kept equal the per-token loop."""
     idx, _, mask = random_choices(1, 3, 40, k, 6, dispatch_prob=0.6)
-    pos, kept = dispatch.assign_slots(jnp.asarray(idx), jnp.asarray(mask), 6, 7)
+    pos, kept = assign_slots(idx, mask, 6, 7)
     ref_pos, ref_kept = np_capacity_loop(idx, mask, 6, 7)
     np.testing.assert_array_equal(np.where(mask, pos, -1), ref_pos)
     np.testing.assert_array_equal(kept, ref_kept)
@@ -202,7 +205,7 @@ def test_einsum_and_sort_match_loop_with_drops():
     p, experts = random_experts(0, e)
     idx, w, mask = random_choices(2, g, t, k, e, dispatch_prob=0.7)
     x = np.random.default_rng(3).normal(size=(g, t, M)).astype(np.float32)
-    pos, kept = dispatch.assign_slots(jnp.asarray(idx), jnp.asarray(mask), e, c)
+    pos, kept = assign_slots(idx, mask, e, c)
     _, ref_kept = np_capacity_loop(idx, mask, e, c)
     y_all = np_all_experts(p, x.reshape(-1, M)).reshape(g, t, e, M)
     ref = np_combine(y_all, idx, w, ref_kept)
@@ -277,12 +280,15 @@ def make_config(router, dispatch_path, e=4, k=2, group_size=16, cf=100.0, **moe)
 
 
 def init_params(cfg, x, seed=0):
-    keys = {"params": jax.random.key(seed), "routing": jax.random.key(seed + 1)}
-    params = nn.meta.unbox(MoE(cfg, train=False).init(keys, x))["params"]
-    if "router_noise" in params:  # zeros at init: give the noise std some per-expert spread
-        noise = jax.random.normal(jax.random.key(seed + 2), params["router_noise"].shape)
-        params = dict(params, router_noise=noise)
-    return params
+    """The module's own parameters (router noise weights randomised: they start at zero)."""
+    params = jax.eval_shape(lambda: MoE(cfg).init({"params": jax.random.key(0)}, x))["params"]
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, box in params.items():
+        shape = nn.meta.unbox(box).shape
+        scale = 1.0 / np.sqrt(shape[-2]) if name in ("router", "router_noise") else 0.3
+        out[name] = jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+    return out
 
 
 def loss_fn(cfg, train, x, cot, rng_seed=5):
@@ -392,16 +398,15 @@ def test_small_capacity_einsum_and_sort_drop_the_same_tokens(router, k, train):
     cap = dispatch.expert_capacity(t, e, k, cf, "gshard", 4)
     # routing decisions of the router on the module's logits (random routing/noise are off)
     logits = jnp.einsum("gtm,me->gte", x.reshape(2, t, M), params["router"])
-    r = {
-        "gshard_top2": lambda: routing.gshard_top2(
-            logits, rng=None, train=False, second_expert_policy="all"
+    route = {
+        "gshard_top2": lambda z: routing.gshard_top2(
+            z, rng=None, train=False, second_expert_policy="all"
         ),
-        "switch_top1": lambda: routing.switch_top1(logits),
-        "topk_softmax": lambda: routing.topk_softmax(logits, k),
-        "noisy_topk": lambda: routing.noisy_topk(
-            logits, jnp.ones_like(logits), k, rng=None, train=False
-        ),
-    }[router]()
+        "switch_top1": routing.switch_top1,
+        "topk_softmax": lambda z: routing.topk_softmax(z, k),
+        "noisy_topk": lambda z: routing.noisy_topk(z, jnp.ones_like(z), k, rng=None, train=False),
+    }[router]
+    r = fast_jit(route, logits)
     idx, w = np.asarray(r.expert_index), np.asarray(r.combine_weights, np.float64)
     _, ref_kept = np_capacity_loop(idx, np.ones(idx.shape, bool), e, cap)
     y_all = np_all_experts(params, np.asarray(x).reshape(-1, M)).reshape(2, t, e, M)

@@ -20,12 +20,14 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from glam_jax.errors import GlamError
+
 EMBEDDED_CORPORA = {"tinyshakespeare": "tinyshakespeare.txt"}
 DOCUMENT_SPLITS = ("blank_line", "line", "file")
 TEXT_KEY = "text"
 
 
-class DataError(ValueError):
+class DataError(GlamError):
     """A data setting or input is wrong; the message names the value and what is valid."""
 
 

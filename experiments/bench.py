@@ -1,0 +1,264 @@
+"""Side-by-side GPU benchmarks in one process: MoE FFN vs dense FFN, attention kernels, full
+train step MFU, compile time versus depth.
+
+python experiments/bench.py --what=moe,attention,step,compile --json_out=docs/perf/h100.json
+
+Timings: warm-up, then the median of --iters calls, each ended with block_until_ready.
+Throughput is in *activated* FLOPs (a top-k token counts k expert FFNs; capacity padding and
+the router are not counted) against --peak_tflops (989 = H100/H200 dense bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+from glam_jax import gpu_defaults
+
+_WHAT = flags.DEFINE_list("what", ["moe", "attention", "step", "compile"], "Benchmarks to run.")
+_TOKENS = flags.DEFINE_integer("tokens", 16384, "MoE/FFN benchmark: tokens per call.")
+_EMBED = flags.DEFINE_integer("embed", 2048, "MoE/FFN benchmark: model width M.")
+_MLP = flags.DEFINE_integer("mlp", 8192, "MoE/FFN benchmark: expert hidden width H.")
+_EXPERTS = flags.DEFINE_integer("experts", 64, "MoE/FFN benchmark: experts E.")
+_TOPK = flags.DEFINE_integer("topk", 2, "MoE/FFN benchmark: experts per token k.")
+_GROUP = flags.DEFINE_integer("group_size", 1024, "MoE/FFN benchmark: routing group size.")
+_CF = flags.DEFINE_float("capacity_factor", 1.25, "MoE/FFN benchmark: capacity factor.")
+_DISPATCHES = flags.DEFINE_list("dispatches", ["einsum", "sort", "dropless"], "Paths to time.")
+_STEP_CONFIGS = flags.DEFINE_list(
+    "step_configs",
+    ["configs/glam_gpu_bench.py:dense", "configs/glam_gpu_bench.py:moe"],
+    "Full-step benchmark configs (file[:variant]).",
+)
+_DEPTHS = flags.DEFINE_list("depths", ["8", "64"], "Compile benchmark: layer counts.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed iterations (median reported).")
+_PEAK = flags.DEFINE_float("peak_tflops", 989.0, "bf16 peak per device for utilisation.")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "Write all results to this JSON file.")
+
+
+def time_fn(fn, *args, iters: int) -> float:
+    """Median seconds of fn(*args) after two warm-up calls."""
+    import jax
+
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load_config(spec: str):
+    """'path.py[:variant]' -> ConfigDict, as ml_collections' config flags do."""
+    import importlib.util
+
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def bench_moe() -> list[dict]:
+    """MoE FFN fwd+bwd per dispatch path vs the dense GLU FFN with the same activated FLOPs."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs.base import get_base_config
+    from glam_jax.layers import GluFFN
+    from glam_jax.model import frozen
+    from glam_jax.moe import MoE
+
+    t, m, h, e, k = _TOKENS.value, _EMBED.value, _MLP.value, _EXPERTS.value, _TOPK.value
+    seq = min(2048, t)
+    x = jax.random.normal(jax.random.PRNGKey(0), (t // seq, seq, m), jnp.bfloat16)
+    flops = 3 * 2 * t * k * 3 * m * h  # fwd+bwd, k experts of 3 matrices each
+    rows = []
+
+    def timed(module, label, extra):
+        params = jax.jit(module.init)(jax.random.PRNGKey(1), x)
+
+        def loss(p, x):
+            out = module.apply(p, x, rngs={"routing": jax.random.PRNGKey(2)})
+            y = out[0] if isinstance(out, tuple) else out
+            return jnp.sum(y.astype(jnp.float32))
+
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        sec = time_fn(step, params, x, iters=_ITERS.value)
+        row = dict(bench="ffn", path=label, seconds=sec, tflops=flops / sec / 1e12, **extra)
+        print(f"  {label:10s} {sec * 1e3:8.2f} ms  {row['tflops']:7.1f} TFLOP/s", flush=True)
+        rows.append(row)
+        return params
+
+    shape = dict(tokens=t, embed=m, mlp=h, experts=e, k=k)
+    dense = GluFFN(mlp_dim=k * h, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    timed(dense, "dense", shape)
+    for path in _DISPATCHES.value:
+        config = get_base_config()
+        config.model.dtype = "bfloat16"
+        config.model.embed_dim, config.model.mlp_dim = m, h
+        config.moe.update(
+            num_experts=e,
+            num_selected=k,
+            dispatch=path,
+            group_size=_GROUP.value,
+            capacity_factor_train=_CF.value,
+            router="gshard_top2" if k == 2 else "topk_softmax",
+        )
+        try:
+            timed(
+                MoE(frozen(config), train=True),
+                path,
+                dict(shape, group_size=_GROUP.value, capacity_factor=_CF.value),
+            )
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory: record and go on
+            msg = str(err).splitlines()[0][:200]
+            print(f"  {path:10s} failed: {msg}", flush=True)
+            rows.append(dict(bench="ffn", path=path, error=msg, **shape))
+    dense_tf = rows[0]["tflops"]
+    for row in rows[1:]:
+        if "tflops" in row:
+            row["ratio_to_dense"] = row["tflops"] / dense_tf
+    return rows
+
+
+def bench_attention() -> list[dict]:
+    """Causal attention with the relative-position bias: XLA einsums vs cuDNN, fwd+bwd."""
+    import jax
+    import jax.numpy as jnp
+
+    from glam_jax import attention as attn
+
+    b, s, h, d = 8, 2048, 16, 128
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in keys[:3])
+    bias = jax.random.normal(keys[3], (h, s, s), jnp.bfloat16)
+    scale = 1.0 / math.sqrt(d)
+
+    def xla(q, k, v, bias):
+        return attn.xla_attention(q, k, v, bias, attn.attention_mask(None, s), scale)
+
+    def cudnn(q, k, v, bias):
+        return attn.cudnn_attention(q, k, v, bias, None, scale)
+
+    rows, outs = [], {}
+    for name, fn in (("xla", xla), ("cudnn", cudnn)):
+        grad = jax.jit(jax.grad(lambda *a, f=fn: jnp.sum(f(*a).astype(jnp.float32)), (0, 1, 2, 3)))
+        sec = time_fn(grad, q, k, v, bias, iters=_ITERS.value)
+        outs[name] = jax.jit(fn)(q, k, v, bias)
+        rows.append(dict(bench="attention", impl=name, seconds=sec, b=b, s=s, heads=h, d=d))
+        print(f"  attention {name:6s} fwd+bwd {sec * 1e3:8.2f} ms", flush=True)
+    err = float(
+        jnp.max(jnp.abs(outs["xla"].astype(jnp.float32) - outs["cudnn"].astype(jnp.float32)))
+    )
+    rows[1]["speedup_vs_xla"] = rows[0]["seconds"] / rows[1]["seconds"]
+    rows[1]["max_abs_diff_vs_xla"] = err
+    print(f"  cuDNN speed-up {rows[1]['speedup_vs_xla']:.2f}x, max |diff| {err:.3g}", flush=True)
+    return rows
+
+
+def bench_step() -> list[dict]:
+    """Full train steps (random tokens) of each --step_configs entry: time, tokens/s, MFU."""
+    import jax
+    import numpy as np
+
+    from glam_jax import flops, optim, sharding, steps
+
+    rows = []
+    for spec in _STEP_CONFIGS.value:
+        config = load_config(spec)
+        mesh = sharding.make_mesh(config.mesh.shape)
+        model = steps.build_model(config)
+        tx = optim.make_optimizer(config.train)
+        state, shardings = steps.create_train_state(config, model, tx, mesh)
+        train_step = steps.make_train_step(config, model, tx, mesh, shardings)
+        b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
+        rng = np.random.RandomState(0)
+        batch = {
+            "inputs": rng.randint(0, v, (b, s)).astype(np.int32),
+            "targets": rng.randint(0, v, (b, s)).astype(np.int32),
+            "segment_ids": np.ones((b, s), np.int32),
+            "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
+            "weights": np.ones((b, s), np.float32),
+            "target_chars": np.ones((b, s), np.int32),
+        }
+        batch = steps.global_batch(batch, mesh)
+        start = time.perf_counter()
+        state, _ = train_step(state, batch)
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - start
+        times = []
+        for _ in range(_ITERS.value):
+            start = time.perf_counter()
+            state, metrics = train_step(state, batch)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
+        sec = statistics.median(times)
+        counts = flops.count(config)
+        tokens_s = b * s / sec
+        mfu = tokens_s * counts.flops_per_token / (_PEAK.value * 1e12 * jax.device_count())
+        row = dict(
+            bench="train_step",
+            config=spec,
+            seconds=sec,
+            tokens_per_s=tokens_s,
+            mfu=mfu,
+            first_step_s=compile_s,
+            devices=jax.device_count(),
+            batch=b,
+            seq_len=s,
+            flops_per_token=counts.flops_per_token,
+            loss=float(metrics["loss"]),
+        )
+        print(f"  {spec:40s} {sec * 1e3:8.1f} ms  {tokens_s:9.0f} tok/s  MFU {mfu:.1%}", flush=True)
+        rows.append(row)
+        del state
+    return rows
+
+
+def bench_compile() -> list[dict]:
+    """Train-step compile time and HLO size at each --depths (the GPU bench config)."""
+    from experiments.compile_probe import probe
+    from glam_jax import sharding
+
+    config = load_config("configs/glam_gpu_bench.py")
+    mesh = sharding.make_mesh(config.mesh.shape)
+    rows = []
+    for depth in _DEPTHS.value:
+        row = dict(bench="compile", **probe(config, int(depth), mesh))
+        print(f"  {depth:>3s} layers: compile {row['compile_s']:.1f} s, {row['hlo_ops']} ops")
+        rows.append(row)
+    return rows
+
+
+def main(argv) -> None:
+    del argv
+    import jax
+
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "command": " ".join(sys.argv),
+        "results": [],
+    }
+    print(f"{results['device']} x{results['device_count']}, jax {results['jax']}")
+    benches = dict(moe=bench_moe, attention=bench_attention, step=bench_step, compile=bench_compile)
+    for name in _WHAT.value:
+        print(f"[{name}]", flush=True)
+        results["results"].extend(benches[name]())
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    gpu_defaults.apply()
+    app.run(main)

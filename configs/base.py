@@ -56,10 +56,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.second_expert_policy = "random"  # GShard: dispatch expert 2 with prob min(1, 2*g2); 'all'
     e.aux_loss_weight = 0.01  # load-balancing loss E*sum_e f_e*P_e (GLaM 0.01)
     e.z_loss_weight = 1e-3  # ST-MoE router z-loss mean(logsumexp(logits)^2)
+    e.importance_loss_weight = 0.0  # noisy_topk: Shazeer CV(importance)^2 weight (paper: 0.1)
+    e.load_loss_weight = 0.0  # noisy_topk: Shazeer CV(load)^2 weight (paper: 0.1)
     e.router_init_scale = 1.0  # router weight init scale (Switch uses 0.1)
     e.router_jitter = 0.0  # Switch multiplicative jitter eps on the router input (train only)
     e.noisy_gating = True  # noisy_topk: learned noise on the logits in training
     e.expert_dropout = 0.0  # dropout inside experts (Switch fine-tuning uses 0.4)
+    e.ragged_matmul = "xla"  # dropless grouped matmul: 'xla' (jax.lax.ragged_dot)
 
     # ---- device mesh --------------------------------------------------------------------------
     config.mesh = ml_collections.ConfigDict()

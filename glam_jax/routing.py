@@ -101,7 +101,7 @@ def gshard_top2(
     if train and second_expert_policy == "random":
         if rng is None:
             raise ValueError("gshard_top2 random routing needs an rng while training.")
-        send2 = jax.random.uniform(rng, idx1.shape) < g_gtk[..., 1]
+        send2 = jax.random.uniform(rng, idx1.shape) < 2.0 * g_gtk[..., 1]
     mask_gtk = jnp.stack([jnp.ones_like(send2), send2], axis=-1)
     return Routing(
         expert_index=idx_gtk,

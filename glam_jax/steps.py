@@ -178,8 +178,8 @@ def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool
         + tc.logits_z_loss_weight * logits_z
         + moe.aux_loss_weight * stats["aux_loss"]
         + moe.z_loss_weight * stats["z_loss"]
-        + moe.get("importance_loss_weight", 0.0) * stats["importance_loss"]
-        + moe.get("load_loss_weight", 0.0) * stats["load_loss"]
+        + moe.importance_loss_weight * stats["importance_loss"]
+        + moe.load_loss_weight * stats["load_loss"]
     )
     metrics = dict(stats, loss=loss, ce_loss=ce, logits_z_loss=logits_z)
     metrics["nll_sum"] = jnp.sum(nll_bt)

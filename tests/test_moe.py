@@ -28,8 +28,7 @@ B, S, M, H, E, GROUP = 2, 32, 16, 32, 4, 32  # two routing groups of 32 tokens
 
 def fast_jit(fn, *args):
     """jit + run with XLA's CPU backend optimisation off: the same maths, 4x faster compiles."""
-    compiled = jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
-    return compiled(*args)
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})(*args)
 
 
 def make_config(router="gshard_top2", dispatch="einsum", k=2, **moe):

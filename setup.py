@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="glam_jax",
     version="0.1.0",
-    description="GLaM-style sparse Mixture-of-Experts decoder LMs in JAX/Flax, sharded GSPMD style.",
+    description="GLaM-style sparse Mixture-of-Experts language models in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",

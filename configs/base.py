@@ -25,7 +25,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     m.norm_eps = 1e-6  # epsilon inside the norm
     m.ffn_activation = "gelu"  # 'gelu' (GLaM gated GELU) or 'silu' (SwiGLU, Mixtral)
     m.ffn_glu = True  # gated FFN: two input matrices and one output; False = paper-count 2 matrices
-    m.position = "relative_bias"  # 'relative_bias' (T5 buckets, GLaM) or 'none'
+    m.position = "relative_bias"  # 'relative_bias' (T5 buckets, GLaM), 'rope' (Mixtral) or 'none'
+    m.rope_theta = 10_000.0  # RoPE base frequency (position='rope'); Mixtral 8x7B uses 1e6
+    m.sliding_window = 0  # a query sees only the last `sliding_window` keys (Mistral); 0 = off
+    m.attention_scale = 0.0  # softmax scale on q.k; 0 = 1/sqrt(head_dim) (GLaM, Mixtral)
     m.rel_buckets = 32  # relative-position buckets (T5/GLaM)
     m.rel_max_distance = 128  # distance past which all offsets share the last bucket
     m.tie_embeddings = True  # output softmax shares the token embedding (GLaM)
@@ -62,7 +65,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.router_jitter = 0.0  # Switch multiplicative jitter eps on the router input (train only)
     e.noisy_gating = True  # noisy_topk: learned noise on the logits in training
     e.expert_dropout = 0.0  # dropout inside experts (Switch fine-tuning uses 0.4)
-    e.ragged_matmul = "xla"  # dropless grouped matmul: 'xla' (jax.lax.ragged_dot)
+    e.ragged_matmul = "auto"  # dropless grouped matmul: 'auto', 'xla' (lax.ragged_dot), 'mgpu'
+    e.decode_dispatch = "dropless"  # MoE dispatch when decoding, never dropping: 'dropless',
+    # or 'einsum' / 'sort' with capacity = every token of the group (glam_jax/decode.py)
 
     # ---- device mesh --------------------------------------------------------------------------
     config.mesh = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ import time
 
 from absl import app, flags
 
+from experiments.bench_utils import load_config, time_fn
 from glam_jax import gpu_defaults
 
 _WHAT = flags.DEFINE_list("what", ["moe", "attention", "step", "compile"], "Benchmarks to run.")
@@ -40,31 +41,6 @@ _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "bf16 peak per device for utili
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write all results to this JSON file.")
 
 
-def time_fn(fn, *args, iters: int) -> float:
-    """Median seconds of fn(*args) after two warm-up calls."""
-    import jax
-
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def load_config(spec: str):
-    """'path.py[:variant]' -> ConfigDict, as ml_collections' config flags do."""
-    import importlib.util
-
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
 def bench_moe() -> list[dict]:
     """MoE FFN fwd+bwd per dispatch path vs the dense GLU FFN with the same activated FLOPs."""
     import jax
@@ -78,6 +54,7 @@ def bench_moe() -> list[dict]:
     t, m, h, e, k = _TOKENS.value, _EMBED.value, _MLP.value, _EXPERTS.value, _TOPK.value
     seq = min(2048, t)
     x = jax.random.normal(jax.random.PRNGKey(0), (t // seq, seq, m), jnp.bfloat16)
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), x.shape, jnp.float32)
     flops = 3 * 2 * t * k * 3 * m * h  # fwd+bwd, k experts of 3 matrices each
     rows = []
 
@@ -87,7 +64,7 @@ def bench_moe() -> list[dict]:
         def loss(p, x):
             out = module.apply(p, x, rngs={"routing": jax.random.PRNGKey(2)})
             y = out[0] if isinstance(out, tuple) else out
-            return jnp.sum(y.astype(jnp.float32))
+            return jnp.sum(y.astype(jnp.float32) * cotangent)  # random: no algebraic shortcut
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
         sec = time_fn(step, params, x, iters=_ITERS.value)
@@ -125,6 +102,101 @@ def bench_moe() -> list[dict]:
     for row in rows[1:]:
         if "tflops" in row:
             row["ratio_to_dense"] = row["tflops"] / dense_tf
+    return rows
+
+
+def bench_gmm() -> list[dict]:
+    """Grouped-matmul kernel vs one dense matmul of the same FLOPs, fwd and fwd+bwd."""
+    import jax
+    import jax.numpy as jnp
+
+    from glam_jax.kernels import grouped_matmul as gmm
+
+    if not gmm.available():
+        print("  grouped-matmul kernel not available on this device")
+        return []
+    t, m, h, e, k = _TOKENS.value, _EMBED.value, _MLP.value, _EXPERTS.value, _TOPK.value
+    rows_n = t * k
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (rows_n, m), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (e, m, h), jnp.bfloat16) * 0.02
+    w_dense = w[0]
+    sizes = jax.random.multinomial(keys[2], rows_n, jnp.full((e,), 1.0 / e), shape=(e,))
+    sizes = sizes.astype(jnp.int32)
+    ct = jax.random.normal(keys[2], (rows_n, h), jnp.float32)  # random: no algebraic shortcut
+    flops = 2 * rows_n * m * h
+
+    def grad_of(f):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * ct), (0, 1)))
+
+    def gmm_fn(x, w):
+        return gmm.grouped_matmul(x, w, sizes)
+
+    rows = []
+    cases = (
+        ("dense_fwd", jax.jit(lambda x, w: x @ w), (x, w_dense), 1),
+        ("gmm_fwd", jax.jit(gmm_fn), (x, w), 1),
+        ("xla_ragged_fwd", jax.jit(lambda x, w: jax.lax.ragged_dot(x, w, sizes)), (x, w), 1),
+        ("dense_fwd_bwd", grad_of(lambda x, w: x @ w), (x, w_dense), 3),
+        ("gmm_fwd_bwd", grad_of(gmm_fn), (x, w), 3),
+    )
+    for name, fn, args, mult in cases:
+        try:
+            sec = time_fn(fn, *args, iters=_ITERS.value)
+        except Exception as err:  # noqa: BLE001 - record OOM etc. and go on
+            print(f"  {name:16s} failed: {str(err).splitlines()[0][:150]}")
+            continue
+        tf = mult * flops / sec / 1e12
+        rows.append(
+            dict(bench="gmm", case=name, seconds=sec, tflops=tf, rows=rows_n, k=m, n=h, groups=e)
+        )
+        print(f"  {name:16s} {sec * 1e3:8.2f} ms  {tf:7.1f} TFLOP/s", flush=True)
+    return rows
+
+
+def bench_gmm_tune() -> list[dict]:
+    """Searches tile sizes of the three grouped-matmul kernels at the MoE FFN shapes."""
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+    t, m, h, e, k = _TOKENS.value, _EMBED.value, _MLP.value, _EXPERTS.value, _TOPK.value
+    n = t * k
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    sizes = jax.random.multinomial(keys[0], n, jnp.full((e,), 1.0 / e), shape=(e,))
+    sizes = sizes.astype(jnp.int32)
+    x = jax.random.normal(keys[1], (n, m), jnp.bfloat16)
+    w = jax.random.normal(keys[2], (e, m, h), jnp.bfloat16)
+    dy = jax.random.normal(keys[3], (n, h), jnp.bfloat16)
+    ops = {
+        "forward x@w[g]": (ragged_dot_mgpu.ragged_dot, (x, w), dict(transpose_rhs=False)),
+        "input grad dy@w[g]^T": (ragged_dot_mgpu.ragged_dot, (dy, w), dict(transpose_rhs=True)),
+        "weight grad x_g^T dy_g": (transposed_ragged_dot_mgpu.transposed_ragged_dot, (x, dy), {}),
+    }
+    grid = list(itertools.product((128, 192), (128, 256), (4, 6), (1, 4, 8)))
+    rows = []
+    for name, (fn, args, extra) in ops.items():
+        best = (float("inf"), None)
+        for bm, bn, depth, gbn in grid:
+            tiles = dict(
+                block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=depth, grid_block_n=gbn
+            )
+
+            def call(a, b, fn=fn, tiles=tiles, extra=extra):
+                return fn(a, b, group_sizes=sizes, **tiles, **extra)
+
+            try:
+                sec = time_fn(jax.jit(call), *args, iters=5)
+            except Exception:  # noqa: BLE001 - tiles that do not fit shared memory etc.
+                continue
+            if sec < best[0]:
+                best = (sec, tiles)
+        sec, tiles = best
+        tf = 2 * n * m * h / sec / 1e12 if tiles else 0.0
+        print(f"  {name:24s} best {tiles} {sec * 1e3:.2f} ms {tf:.0f} TFLOP/s", flush=True)
+        rows.append(dict(bench="gmm_tune", op=name, tiles=tiles, seconds=sec, tflops=tf))
     return rows
 
 
@@ -250,7 +322,14 @@ def main(argv) -> None:
         "results": [],
     }
     print(f"{results['device']} x{results['device_count']}, jax {results['jax']}")
-    benches = dict(moe=bench_moe, attention=bench_attention, step=bench_step, compile=bench_compile)
+    benches = dict(
+        moe=bench_moe,
+        gmm=bench_gmm,
+        gmm_tune=bench_gmm_tune,
+        attention=bench_attention,
+        step=bench_step,
+        compile=bench_compile,
+    )
     for name in _WHAT.value:
         print(f"[{name}]", flush=True)
         results["results"].extend(benches[name]())

@@ -5,6 +5,11 @@ Two kernels compute the same function: XLA einsums (everywhere) and cuDNN flash 
 bias gradient. The bias is built as a one-hot matmul, never as a gather from the bucket
 table: the gather's backward is a scatter-add of S^2 updates into 32 buckets, which made a
 GPU train step >100x slower (reference/moe.md section 6).
+
+With `decode=True` the layer keeps a key/value cache in the flax `cache` collection (lm1b/T5X
+style): each call writes its tokens at `cache_index` and attends over every cached slot, so
+prefill (many tokens) and one-token steps are the same code. Inside the layer scan the cache
+gets the leading `layers` axis like the parameters.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ def relative_position_buckets(
     Static numpy: it depends only on the sequence length, so XLA sees a constant.
     """
     rel = np.arange(length)[None, :] - np.arange(length)[:, None]  # [q, k] = k - q
+    return offset_buckets(rel, num_buckets, max_distance, bidirectional)
+
+
+def offset_buckets(
+    rel: np.ndarray, num_buckets: int, max_distance: int, bidirectional: bool = False
+) -> np.ndarray:
+    """T5 bucket of each offset k - q (any shape), in numpy float64 so buckets never differ."""
     n = -rel
     ret = np.zeros_like(n)
     if bidirectional:
@@ -60,14 +72,36 @@ def rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_bthd.dtype)
 
 
-def attention_mask(segment_ids_bt: jax.Array | None, length: int) -> jax.Array:
-    """[batch or 1, 1, q, k] bool: causal, and no attention across packed documents."""
+def attention_mask(
+    segment_ids_bt: jax.Array | None, length: int, sliding_window: int = 0
+) -> jax.Array:
+    """[batch or 1, 1, q, k] bool: causal, and no attention across packed documents.
+
+    With a sliding window, query q also sees only keys k > q - window (Mistral's rule).
+    """
     causal_qk = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+    if sliding_window > 0:
+        causal_qk = causal_qk & ~jnp.tril(causal_qk, -sliding_window)
     mask = causal_qk[None, None]
     if segment_ids_bt is not None:
         same_bqk = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
         mask = mask & same_bqk[:, None]
     return mask
+
+
+def cached_attention_mask(
+    q_slot_t: jax.Array, segment_q_bt: jax.Array, segment_k_bs: jax.Array, sliding_window: int
+) -> jax.Array:
+    """[batch, 1, q, cache] bool for queries at cache slots q_slot over every cache slot.
+
+    Causal in slot order, same segment (0 marks left padding), and the sliding window.
+    """
+    k_slot_s = jnp.arange(segment_k_bs.shape[1])
+    visible_ts = k_slot_s[None, :] <= q_slot_t[:, None]
+    if sliding_window > 0:
+        visible_ts = visible_ts & (k_slot_s[None, :] > q_slot_t[:, None] - sliding_window)
+    same_bts = segment_q_bt[:, :, None] == segment_k_bs[:, None, :]
+    return (visible_ts[None] & same_bts)[:, None]
 
 
 def xla_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, mask_b1ts, scale: float) -> jax.Array:
@@ -84,12 +118,18 @@ def xla_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, mask_b1ts, scale: float) -> 
     return out_btgrd.reshape(b, t, h, d)
 
 
-def cudnn_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale: float) -> jax.Array:
-    """cuDNN flash attention (GPU); causal via is_causal, documents via a mask if packed."""
+def cudnn_attention(
+    q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale: float, sliding_window: int = 0
+) -> jax.Array:
+    """cuDNN flash attention (GPU); causal via is_causal, documents via a mask if packed.
+
+    A sliding window goes in as local_window_size=(window - 1, 0): q sees k in [q-window+1, q].
+    """
     bias = None if bias_hts is None else bias_hts[None].astype(q_bthd.dtype)
     mask = None
     if segment_ids_bt is not None:
         mask = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
+    window = (sliding_window - 1, 0) if sliding_window > 0 else None
     return jax.nn.dot_product_attention(
         q_bthd,
         k_bsgd,
@@ -98,6 +138,7 @@ def cudnn_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale: flo
         mask=mask,
         scale=scale,
         is_causal=True,
+        local_window_size=window,
         implementation="cudnn",
     )
 
@@ -121,10 +162,13 @@ class Attention(nn.Module):
     rel_buckets: int = 32
     rel_max_distance: int = 128
     rope_theta: float = 10_000.0
+    sliding_window: int = 0  # 0 = full causal attention
+    scale: float = 0.0  # 0 = 1/sqrt(head_dim)
     impl: str = "auto"
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    decode: bool = False  # keep and use a key/value cache (generation)
 
     @nn.compact
     def __call__(
@@ -142,14 +186,11 @@ class Attention(nn.Module):
             return constrain(y_bthd, ("batch", "length", "heads", "kv"))
 
         q_bthd, k_bsgd, v_bsgd = proj("query", h), proj("key", g), proj("value", g)
-        bias_hts = None
+        table_hb = None
         if self.position == "relative_bias":
             table_hb = param_with_axes(
                 self, "rel_bias", init, (h, self.rel_buckets), jnp.float32, ("heads", "rel_buckets")
             )
-            buckets_ts = relative_position_buckets(t, self.rel_buckets, self.rel_max_distance)
-            onehot_tsb = jax.nn.one_hot(buckets_ts, self.rel_buckets, dtype=self.dtype)
-            bias_hts = jnp.einsum("tsb,hb->hts", onehot_tsb, table_hb.astype(self.dtype))
         elif self.position == "rope":
             pos = positions_bt if positions_bt is not None else jnp.arange(t)[None]
             q_bthd, k_bsgd = rope(q_bthd, pos, self.rope_theta), rope(k_bsgd, pos, self.rope_theta)
@@ -157,16 +198,82 @@ class Attention(nn.Module):
             raise ValueError(
                 f"model.position={self.position!r} is not valid; valid: relative_bias, rope, none."
             )
+        scale = self.scale or 1.0 / math.sqrt(d)
 
-        scale = 1.0 / math.sqrt(d)
-        if resolve_impl(self.impl) == "cudnn":
-            out_bthd = cudnn_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale)
+        if self.decode and self.has_variable("cache", "cached_key"):
+            out_bthd = self._cached(q_bthd, k_bsgd, v_bsgd, table_hb, segment_ids_bt, scale)
         else:
-            mask = attention_mask(segment_ids_bt, t)
-            out_bthd = xla_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, mask, scale)
+            if self.decode:  # first (abstract) call: create the cache, sized by this input
+                self._cache_variables(b, t, g, d)
+            bias_hts = None
+            if table_hb is not None:
+                buckets_ts = relative_position_buckets(t, self.rel_buckets, self.rel_max_distance)
+                onehot_tsb = jax.nn.one_hot(buckets_ts, self.rel_buckets, dtype=self.dtype)
+                bias_hts = jnp.einsum("tsb,hb->hts", onehot_tsb, table_hb.astype(self.dtype))
+            if resolve_impl(self.impl) == "cudnn":
+                out_bthd = cudnn_attention(
+                    q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale, self.sliding_window
+                )
+            else:
+                mask = attention_mask(segment_ids_bt, t, self.sliding_window)
+                out_bthd = xla_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, mask, scale)
         out_bthd = constrain(out_bthd, ("batch", "length", "heads", "kv"))
         wo_hdm = param_with_axes(
             self, "out", init, (h, d, m), self.param_dtype, ("heads", "kv", "embed")
         )
         y_btm = jnp.einsum("bthd,hdm->btm", out_bthd, wo_hdm.astype(self.dtype))
         return constrain(y_btm, ("batch", "length", "embed"))
+
+    def _cache_variables(self, b: int, s: int, g: int, d: int):
+        """Cache of s slots: keys/values [batch, slots, kv heads, head_dim], the segment id of
+        each slot (0 = padding or empty) and the next slot to write."""
+
+        kv_axes = ("batch", "length", "heads", "kv")
+        specs = (
+            ("cached_key", kv_axes, (b, s, g, d), self.dtype),
+            ("cached_value", kv_axes, (b, s, g, d), self.dtype),
+            ("cached_segment", ("batch", "length"), (b, s), jnp.int32),
+            ("cache_index", (), (), jnp.int32),
+        )
+        return {
+            name: self.variable(
+                "cache", name, nn.with_logical_partitioning(jnp.zeros, axes), shape, dtype
+            )
+            for name, axes, shape, dtype in specs
+        }
+
+    def _cached(self, q_bthd, k_btgd, v_btgd, table_hb, segment_ids_bt, scale):
+        """Writes this call's keys/values at cache_index and attends over the whole cache."""
+        b, t = q_bthd.shape[:2]
+        cache = self._cache_variables(b, 0, *k_btgd.shape[2:])  # existing: shapes unused
+        idx = cache["cache_index"].value
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones((b, t), jnp.int32)
+        kv_axes = ("batch", "length", "heads", "kv")
+        for name, new in (("cached_key", k_btgd), ("cached_value", v_btgd)):
+            var = cache[name]
+            var.value = constrain(
+                jax.lax.dynamic_update_slice(
+                    var.value, new.astype(var.value.dtype), (0, idx, 0, 0)
+                ),
+                kv_axes,
+            )
+        seg = cache["cached_segment"]
+        seg.value = jax.lax.dynamic_update_slice(
+            seg.value, segment_ids_bt.astype(jnp.int32), (0, idx)
+        )
+        cache["cache_index"].value = idx + t
+        k_bsgd = cache["cached_key"].value.astype(self.dtype)
+        v_bsgd = cache["cached_value"].value.astype(self.dtype)
+        s = k_bsgd.shape[1]
+        q_slot_t = idx + jnp.arange(t)
+        bias_hts = None
+        if table_hb is not None:
+            # The bucket of distance n = q - k >= 0 from a static table, so every bucket equals
+            # the training bias of the same offset exactly (future slots are masked anyway).
+            by_distance = offset_buckets(-np.arange(s), self.rel_buckets, self.rel_max_distance)
+            distance_ts = jnp.clip(q_slot_t[:, None] - jnp.arange(s)[None, :], 0, s - 1)
+            buckets_ts = jnp.asarray(by_distance)[distance_ts]
+            bias_hts = jnp.take(table_hb.astype(self.dtype), buckets_ts, axis=1)
+        mask = cached_attention_mask(q_slot_t, segment_ids_bt, seg.value, self.sliding_window)
+        return xla_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, mask, scale)

@@ -2,8 +2,11 @@
 
 One step directory holds `state` (params, optimizer state, step, rng; restored straight into
 their shardings) and `data` (the grain iterator state as JSON), so a resumed run continues
-with exactly the batch the interrupted one would have seen next. The model part of the config
-is stored beside the checkpoints; resuming with a different model shape fails in one sentence.
+with exactly the batch the interrupted one would have seen next. With several processes each
+reads its own part of the data; `allgather_json` collects every process's iterator state so the
+saved `data` item holds them all, and each process takes its own part back on restore. The
+model part of the config is stored beside the checkpoints; resuming with a different model shape
+fails in one sentence.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import json
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from glam_jax.errors import GlamError
 from glam_jax.steps import TrainState
@@ -40,6 +46,24 @@ SHAPE_FIELDS = {
 
 class CheckpointError(GlamError):
     """A checkpoint that does not fit this run, reported in one sentence."""
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's JSON-able `value`, in process order (a collective: all processes call it).
+
+    The encoded texts travel as zero-padded uint8 rows of one shape, their lengths first.
+    """
+    if jax.process_count() == 1:
+        return [json.loads(json.dumps(value))]
+    text = np.frombuffer(json.dumps(value, sort_keys=True).encode("utf-8"), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(text)))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(text)] = text
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [
+        json.loads(row[:length].tobytes().decode("utf-8"))
+        for row, length in zip(rows, lengths, strict=True)
+    ]
 
 
 class Checkpointer:

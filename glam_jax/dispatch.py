@@ -119,6 +119,25 @@ def _xla_ragged_dot(x_nm, w_emh, group_sizes_e):
 
 # Grouped-GEMM implementations by name; GPU kernels register themselves here.
 RAGGED_MATMULS: dict[str, Callable] = {"xla": _xla_ragged_dot}
+RAGGED_MATMUL_CHOICES = ("auto", "xla", "mgpu")
+
+
+def resolve_ragged_matmul(name: str) -> str:
+    """'auto' -> the Hopper Mosaic-GPU kernel where it runs, else XLA's ragged_dot."""
+    if name not in RAGGED_MATMUL_CHOICES:
+        raise ValueError(
+            f"moe.ragged_matmul={name!r} is not valid; valid: {RAGGED_MATMUL_CHOICES}."
+        )
+    if name in ("auto", "mgpu"):
+        from glam_jax.kernels import grouped_matmul
+
+        has_kernel = grouped_matmul.register()
+        if name == "mgpu" and not has_kernel:
+            raise ValueError(
+                "moe.ragged_matmul='mgpu' needs a Hopper (sm_90+) GPU; use 'auto' or 'xla'."
+            )
+        return "mgpu" if has_kernel else "xla"
+    return name
 
 
 def einsum_dispatch(
@@ -167,10 +186,7 @@ def dropless_dispatch(
     """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul."""
     g, t, m = x_gtm.shape
     e, k = experts.num_experts, expert_index_gtk.shape[-1]
-    if matmul not in RAGGED_MATMULS:
-        raise ValueError(
-            f"grouped matmul {matmul!r} is not available; have {list(RAGGED_MATMULS)}."
-        )
+    matmul = resolve_ragged_matmul(matmul)
     x_nm = x_gtm.reshape(g * t, m)
     e_p = expert_index_gtk.reshape(-1)
     order_p = jnp.argsort(e_p, stable=True)

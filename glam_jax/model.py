@@ -4,6 +4,9 @@ The layer stack is ONE `nn.scan` over blocks of `moe.every` layers (GLaM: a dens
 an MoE layer). Parameters of the scanned block carry a leading `layers` axis that is never
 sharded, so device d holds the same experts in every layer and XLA compiles one loop body
 whatever the depth.
+
+`decode=True` (generation, glam_jax/decode.py) adds a key/value cache per attention layer in
+the `cache` collection, stacked by the same scan; the training path is unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class DecoderLayer(nn.Module):
     config: Any
     use_moe: bool
     train: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_btm, segment_ids_bt, positions_bt):
@@ -63,11 +67,14 @@ class DecoderLayer(nn.Module):
             position=mc.position,
             rel_buckets=mc.rel_buckets,
             rel_max_distance=mc.rel_max_distance,
-            rope_theta=mc.get("rope_theta", 10_000.0),
+            rope_theta=mc.rope_theta,
+            sliding_window=mc.sliding_window,
+            scale=mc.attention_scale,
             impl=mc.attention_impl,
             init_std=mc.init_std,
             dtype=dtype,
             param_dtype=pdtype,
+            decode=self.decode,
             name="attention",
         )(h_btm, segment_ids_bt, positions_bt)
         h_btm = nn.Dropout(mc.dropout_rate)(h_btm, deterministic=not self.train)
@@ -97,6 +104,7 @@ class Block(nn.Module):
 
     config: Any
     train: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_btm, segment_ids_bt, positions_bt):
@@ -105,14 +113,22 @@ class Block(nn.Module):
         for i in range(moe.every):
             use_moe = moe.num_experts > 0 and i == moe.moe_index_in_block
             x_btm, layer_stats = DecoderLayer(
-                self.config, use_moe=use_moe, train=self.train, name=f"layer_{i}"
+                self.config,
+                use_moe=use_moe,
+                train=self.train,
+                decode=self.decode,
+                name=f"layer_{i}",
             )(x_btm, segment_ids_bt, positions_bt)
             stats.update(layer_stats)
         return x_btm, stats
 
 
 class Transformer(nn.Module):
-    """Token ids [batch, length] -> logits [batch, length, vocab] and summed MoE stats."""
+    """Token ids [batch, length] -> logits [batch, length, vocab] and summed MoE stats.
+
+    decode: use/extend the key/value cache (apply with mutable=['cache']); last_logits_only:
+    logits of the last position only ([batch, 1, vocab]), all that generation needs.
+    """
 
     config: Any
 
@@ -124,6 +140,8 @@ class Transformer(nn.Module):
         positions_bt: jax.Array | None = None,
         *,
         train: bool = False,
+        decode: bool = False,
+        last_logits_only: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         config = frozen(self.config)
         mc = config.model
@@ -141,20 +159,22 @@ class Transformer(nn.Module):
                 f"model.remat_policy={mc.remat_policy!r} is not valid; "
                 f"valid: {sorted(REMAT_POLICIES)}."
             )
-        if mc.remat_policy != "none":
+        if mc.remat_policy != "none" and not decode:
             block = nn.remat(block, policy=REMAT_POLICIES[mc.remat_policy], prevent_cse=False)
         num_blocks = mc.num_layers // config.moe.every
         scanned = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 0} if decode else {"params": 0},
             split_rngs={"params": True, "dropout": True, "routing": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=num_blocks,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_btm, stats = scanned(config, train=train, name="blocks")(
+        x_btm, stats = scanned(config, train=train, decode=decode, name="blocks")(
             x_btm, segment_ids_bt, positions_bt
         )
+        if last_logits_only:
+            x_btm = x_btm[:, -1:]
         x_btm = Norm(mc.norm, mc.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(
             x_btm
         )

@@ -1,7 +1,9 @@
 """python -m glam_jax.param_count --config=configs/glam_1_7b_64e.py [--json]
 
 Total and activated-per-token parameters and training FLOPs per token, from abstract shapes,
-printed beside the GLaM paper's figures where the config carries them (config.paper).
+printed beside the published figures where the config carries them (config.paper). A paper
+row compares with the rows of its own convention (`config.paper.convention`): 'two_matrix'
+(GLaM, the default) or 'as_built' (Mixtral counts its three-matrix SwiGLU experts).
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ def report(config) -> dict:
     out = dataclasses.asdict(counts)
     out["convention"] = (
         "total: every parameter; activated: non-expert + k/E of expert weights; "
-        "two_matrix: FFN gate matrices wi_1 left out (the paper's convention); "
+        "two_matrix: FFN gate matrices wi_1 left out (the GLaM paper's convention); "
         "flops_per_token: training (3 x forward) matmul + causal attention FLOPs"
     )
     paper = config.get("paper")
     if paper is not None:
         out["paper"] = {
             "name": paper.name,
+            "convention": paper.get("convention", "two_matrix"),
             "total_params": paper.total_params,
             "activated_params": paper.activated_params,
             "ratio_total_as_built": counts.total_params / paper.total_params,
+            "ratio_activated_as_built": counts.activated_params / paper.activated_params,
             "ratio_total_two_matrix": counts.total_params_two_matrix / paper.total_params,
             "ratio_activated_two_matrix": counts.activated_params_two_matrix
             / paper.activated_params,
@@ -55,19 +59,21 @@ def main(argv) -> None:
         return
     paper = out.get("paper")
     rows = [
-        ("total params (as built, gated FFN)", out["total_params"], "total_params", None),
-        ("total params (two-matrix FFN)", out["total_params_two_matrix"], "total_params", 1),
-        ("activated/token (as built)", out["activated_params"], "activated_params", None),
+        ("total params (as built, gated FFN)", out["total_params"], "total_params", "as_built"),
+        ("total params (two-matrix FFN)", out["total_params_two_matrix"], "total_params", None),
+        ("activated/token (as built)", out["activated_params"], "activated_params", "as_built"),
         (
             "activated/token (two-matrix FFN)",
             out["activated_params_two_matrix"],
             "activated_params",
-            1,
+            None,
         ),
     ]
     print(f"{'quantity':38s} {'glam_jax':>12s} {'paper':>10s} {'ratio':>7s}")
-    for label, value, key, _ in rows:
-        ref = paper[key] if paper else None
+    for label, value, key, convention in rows:
+        # An as-built paper figure is not compared with the two-matrix rows (GLaM-specific).
+        shown = paper and (paper["convention"] == "two_matrix" or convention == "as_built")
+        ref = paper[key] if shown else None
         ratio = f"{value / ref:7.3f}" if ref else ""
         print(f"{label:38s} {_fmt(value):>12s} {_fmt(ref) if ref else '':>10s} {ratio}")
     print(f"{'expert params':38s} {_fmt(out['expert_params']):>12s}")

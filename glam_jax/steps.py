@@ -6,6 +6,7 @@ them. Shardings come from the parameters' logical axis names through `glam_jax.s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -246,7 +247,38 @@ def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:
     return wrapped
 
 
-def global_batch(batch: dict, mesh: Mesh) -> dict:
-    """Per-process numpy batch -> global jax arrays split over data x expert."""
+@functools.lru_cache(maxsize=8)
+def _process_row_share(mesh: Mesh) -> int:
+    """How many ways the global batch is larger than one process's rows.
+
+    The data pipeline gives process i of P rows [i*B/P, (i+1)*B/P) of each global batch, so the
+    batch's row blocks on this process's devices must be exactly that contiguous share.
+    """
     shard: NamedSharding = sharding.batch_sharding(mesh)
-    return {key: jax.make_array_from_process_local_data(shard, batch[key]) for key in BATCH_KEYS}
+    blocks = sharding.data_parallel_size(mesh)  # row blocks of the batch, one per (data, expert)
+    index_map = shard.addressable_devices_indices_map((blocks, 1))
+    held = sorted({index[0].start or 0 for index in index_map.values()})
+    p, count = jax.process_index(), jax.process_count()
+    if held != list(range(p * len(held), (p + 1) * len(held))) or len(held) * count != blocks:
+        raise sharding.ShardingError(
+            f"process {p} of {count} holds batch row blocks {held} of {blocks} (mesh "
+            f"{dict(mesh.shape)}), but the input pipeline feeds each process an equal contiguous "
+            "share in process order; split the batch (data x expert) over all processes."
+        )
+    return count
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's numpy rows -> global jax arrays split over data x expert.
+
+    Each process passes only its own rows (its share, in process order); the global batch has
+    process_count times as many.
+    """
+    shard: NamedSharding = sharding.batch_sharding(mesh)
+    share = _process_row_share(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(
+            shard, batch[key], (batch[key].shape[0] * share, *batch[key].shape[1:])
+        )
+        for key in BATCH_KEYS
+    }

@@ -19,6 +19,7 @@ from absl import logging
 
 from glam_jax import checkpoint, config_checks, flops, optim, sharding, steps
 from glam_jax.data import create_datasets
+from glam_jax.data.pipeline import TrainIterator
 from glam_jax.metrics_writer import MetricsWriter
 
 LN2 = math.log(2.0)
@@ -63,6 +64,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
     return mesh, data, model, tx, ckpt, state, shardings
 
 
+def merged_data_state(train_iter: TrainIterator) -> dict[str, Any]:
+    """The data-iterator state of all processes merged (a collective: every process calls it)."""
+    return TrainIterator.merge_states(checkpoint.allgather_json(train_iter.get_state()))
+
+
 def evaluate(eval_step, params, data, mesh, max_batches: int) -> dict[str, float]:
     """Loss, perplexity and bits per character over the validation split (or max_batches)."""
     nll = weight = chars = 0.0
@@ -80,6 +86,26 @@ def evaluate(eval_step, params, data, mesh, max_batches: int) -> dict[str, float
         "eval_bits_per_char": nll / LN2 / max(chars, 1.0),
         "eval_tokens": weight,
     }
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, step: int | None = None, max_batches: int = 0
+) -> dict[str, float]:
+    """Restores checkpoint `step` (default newest) of `workdir` and evaluates it."""
+    mesh_shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
+    config_checks.check_run(config, mesh_shape)
+    mesh = sharding.make_mesh(mesh_shape)
+    data = create_datasets(config, cache_dir=config.data.cache_dir or os.path.join(workdir, "data"))
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    ckpt = checkpoint.Checkpointer(workdir, config, is_primary=False)
+    abstract, shardings = steps.abstract_state(config, model, tx, mesh)
+    state, _ = ckpt.restore(abstract, step)
+    eval_step = steps.make_eval_step(config, model, mesh, shardings.params)
+    result = {"step": int(state.step)}
+    result.update(evaluate(eval_step, state.params, data, mesh, max_batches))
+    ckpt.close()
+    return result
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -181,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.save(
                 done,
                 state,
-                data.train_iter.get_state(),
+                merged_data_state(data.train_iter),
                 metrics={"eval_loss": last_eval["eval_loss"]} if is_eval else None,
             )
     if bar is not None:

@@ -293,9 +293,7 @@ def test_char_accounting_with_a_lossy_loaded_tokenizer(tmp_path):
 
 def test_sharding_is_disjoint_and_covers():
     docs = grain.MapDataset.source(list(range(103)))
-    shares = [
-        list(pipeline.shard_documents(docs, process_index=i, process_count=3)) for i in range(3)
-    ]
+    shares = [list(pipeline.shard_documents(docs, shard_index=i, shard_count=3)) for i in range(3)]
     assert sorted(sum(shares, [])) == list(range(103))
     assert all(abs(len(s) - 103 / 3) < 1 for s in shares)
 
@@ -327,6 +325,59 @@ def test_simulated_processes(tmp_path):
     for a, b, w in zip(*evals, whole, strict=True):
         for k in w:
             np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), w[k])
+
+
+@pytest.mark.parametrize("streams", [2, 4])
+def test_fixed_streams_give_the_same_global_batches_to_any_process_count(tmp_path, streams):
+    """With data.num_streams fixed, one process reads exactly the rows that two read together,
+    and a state merged from the two resumes one process (and the other way round)."""
+    path, _ = small_corpus(tmp_path, num_docs=60)
+    config = make_config(
+        text_files=str(path), document_split="line", validation_fraction=0.2, num_streams=streams
+    )
+    config.model.vocab_size = 300
+    config.train.seq_len = 16
+
+    def iterators(count):
+        return [
+            pipeline.build_datasets(
+                config, tmp_path, process_index=i, process_count=count
+            ).train_iter
+            for i in range(count)
+        ]
+
+    (single,) = iterators(1)
+    whole = take(single, 8)
+    assert whole[0]["inputs"].shape == (4, 16)
+    pair = iterators(2)
+    halves = [take(it, 8) for it in pair]
+    for w, a, b in zip(whole, *halves, strict=True):
+        assert a["inputs"].shape == (2, 16)
+        for k in w:
+            np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), w[k])
+    # Two processes' states taken after 3 batches, merged, resume one process...
+    pair = iterators(2)
+    for it in pair:
+        take(it, 3)
+    merged = pipeline.TrainIterator.merge_states(
+        [json.loads(json.dumps(it.get_state())) for it in reversed(pair)]
+    )
+    assert sorted(merged["streams"], key=int) == [str(s) for s in range(streams)]
+    (resumed,) = iterators(1)
+    resumed.set_state(merged)
+    assert_same_batches(take(resumed, 5), whole[3:])
+    # ... and one process's state resumes each of two, which take their own streams.
+    (first,) = iterators(1)
+    take(first, 3)
+    state = json.loads(json.dumps(first.get_state()))
+    for i, it in enumerate(iterators(2)):
+        it.set_state(state)
+        assert_same_batches(take(it, 5), halves[i][3:])
+    # A state of another stream count is refused in one sentence.
+    config.data.num_streams = 0  # one stream per process
+    (other,) = iterators(1)
+    with pytest.raises(DataError, match=f"set data.num_streams={streams}"):
+        other.set_state(state)
 
 
 class TinyCatalogText(tfds.core.GeneratorBasedBuilder):
@@ -407,10 +458,14 @@ def test_data_errors(tmp_path, case):
         (dict(seq_len=256), 1, "max_len"),
         (dict(batch_size=6), 4, "process count"),
         (dict(eval_batch_size=5), 2, "eval_batch_size"),
+        (dict(num_streams=3), 1, "num_streams=3"),
+        (dict(num_streams=2), 4, "num_streams=2"),
     ],
 )
 def test_shape_errors(tmp_path, train, processes, word):
     config = make_config()
+    train = dict(train)
+    config.data.num_streams = train.pop("num_streams", 0)
     config.train.update(train)
     with pytest.raises(DataError, match=word):
         pipeline.build_datasets(config, tmp_path, process_index=0, process_count=processes)

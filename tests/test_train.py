@@ -49,6 +49,11 @@ def test_resume_reproduces_the_unbroken_run_bitwise(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert [a[s] for s in range(1, 21)] == [b[s] for s in range(1, 21)]  # bitwise equal floats
     assert a[20] < a[1]
+    # experiments/eval.py's entry point restores the final checkpoint and reproduces its eval.
+    last_eval = [r for r in read_metrics(str(straight)) if "eval_loss" in r][-1]
+    again = train.evaluate_checkpoint(config, str(straight), max_batches=2)
+    assert again["step"] == 20
+    assert abs(again["eval_loss"] - last_eval["eval_loss"]) < 1e-6
 
 
 def test_resume_refuses_a_workdir_of_another_model_shape(tmp_path):

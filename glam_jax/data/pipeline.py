@@ -21,9 +21,17 @@ shape [per_process_batch, seq_len]:
 Trained tokenizers use pad 0, unk 1, bos 2, eos 3 (see tokenizer.py); a loaded one keeps its own
 bos/eos ids.
 
-Training data is sharded by document across processes, shuffled afresh each epoch and repeated
-forever. Evaluation packs the whole validation split in a fixed order and deals each global batch
-out by rows, so every process sees the same number of batches; the last is padded with weight 0.
+Training data is read as `data.num_streams` independent streams S (0, the default, means one per
+process). Stream s packs documents s, s+S, s+2S, ... of the training split, shuffled afresh each
+epoch and repeated forever, and fills rows [s*B/S, (s+1)*B/S) of every global batch of B rows.
+Process i of P reads streams [i*S/P, (i+1)*S/P), that is rows [i*B/P, (i+1)*B/P), and nothing
+else, so for a fixed num_streams the global batches do not depend on how many processes read
+them: a single process with num_streams=2 sees exactly what two processes see together. The
+iterator state is kept per stream, so the states of all processes merge into one
+(`TrainIterator.merge_states`) that any process count dividing S can resume from.
+
+Evaluation packs the whole validation split in a fixed order and deals each global batch out by
+rows, so every process sees the same number of batches; the last is padded with weight 0.
 """
 
 from __future__ import annotations
@@ -59,35 +67,80 @@ class DataBundle:
     """Everything the training loop needs from the data layer."""
 
     tokenizer: spm.SentencePieceProcessor
-    train_iter: TrainIterator  # this process's batches, forever; checkpoint its get_state()
+    train_iter: TrainIterator  # this process's rows of each batch, forever; checkpoint the
+    # states of all processes merged (TrainIterator.merge_states)
     make_eval_iter: Callable[[], Iterator[Batch]]  # a fresh pass over the validation split
     num_train_documents: int  # in the whole split, all processes together
     num_eval_documents: int
 
 
 class TrainIterator:
-    """Endless training batches whose `get_state()` survives a JSON round trip exactly."""
+    """Endless training batches of this process's streams, stacked in stream order, whose
+    `get_state()` survives a JSON round trip exactly."""
 
-    def __init__(self, dataset: grain.IterDataset):
-        self._iterator = iter(dataset)
+    def __init__(self, streams: dict[int, grain.IterDataset], *, num_streams: int):
+        self.num_streams = num_streams
+        self._iterators = {index: iter(streams[index]) for index in sorted(streams)}
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> Batch:
-        return next(self._iterator)
+        parts = [next(iterator) for iterator in self._iterators.values()]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def get_state(self) -> dict[str, Any]:
-        """The position after the last batch returned, as plain JSON types."""
-        return json.loads(json.dumps(self._iterator.get_state()))
+        """The position after the last batch returned, per stream, as plain JSON types."""
+        return {
+            "num_streams": self.num_streams,
+            "streams": {
+                str(index): json.loads(json.dumps(iterator.get_state()))
+                for index, iterator in self._iterators.items()
+            },
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continues right after the batch at which `state` was taken."""
-        self._iterator.set_state(_restore_slices(state))
+        """Continues right after the batch at which `state` was taken; `state` may hold other
+        processes' streams too (a merged state), each process takes its own."""
+        if not isinstance(state, dict) or "streams" not in state:
+            raise DataError(
+                "the saved data-iterator state has no per-stream positions (an older format); "
+                "start a new --workdir."
+            )
+        saved = state.get("num_streams")
+        if saved != self.num_streams:
+            raise DataError(
+                f"the saved data-iterator state has {saved} streams but this run reads "
+                f"{self.num_streams} (data.num_streams, 0 = one per process); set "
+                f"data.num_streams={saved} to resume it."
+            )
+        missing = [index for index in self._iterators if str(index) not in state["streams"]]
+        if missing:
+            raise DataError(f"the saved data-iterator state lacks streams {missing}.")
+        for index, iterator in self._iterators.items():
+            iterator.set_state(_restore_slices(state["streams"][str(index)]))
+
+    @staticmethod
+    def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The states of all processes' iterators (any order) as one state of every stream."""
+        counts = {state["num_streams"] for state in states}
+        if len(counts) != 1:
+            raise DataError(f"processes read different stream counts {sorted(counts)}.")
+        streams: dict[str, Any] = {}
+        for state in states:
+            streams.update(state["streams"])
+        return {"num_streams": counts.pop(), "streams": dict(sorted(streams.items(), key=_int_key))}
 
     def close(self) -> None:
         """Stops grain's worker processes now rather than at interpreter exit (noisily)."""
-        self._iterator.close()
+        for iterator in self._iterators.values():
+            iterator.close()
+
+
+def _int_key(item: tuple[str, Any]) -> int:
+    return int(item[0])
 
 
 def _restore_slices(state: Any) -> Any:
@@ -156,10 +209,10 @@ def _to_layout(batch: Batch) -> Batch:
 
 
 def shard_documents(
-    documents: grain.MapDataset, *, process_index: int, process_count: int
+    documents: grain.MapDataset, *, shard_index: int, shard_count: int
 ) -> grain.MapDataset:
-    """This process's share of the documents: every process_count-th, from process_index."""
-    return documents[process_index::process_count]
+    """One stream's share of the documents: every shard_count-th, from shard_index."""
+    return documents[shard_index::shard_count]
 
 
 def _packed_rows(
@@ -182,11 +235,12 @@ def _train_dataset(
     batch_size: int,
     seed: int,
     worker_count: int,
-    process_index: int,
-    process_count: int,
+    stream_index: int,
+    num_streams: int,
 ) -> grain.IterDataset:
+    """One stream's batches (its rows of each global batch)."""
     documents = shard_documents(
-        grain.MapDataset.source(source), process_index=process_index, process_count=process_count
+        grain.MapDataset.source(source), shard_index=stream_index, shard_count=num_streams
     )
     # shuffle-then-repeat reseeds the shuffle for each epoch.
     documents = documents.shuffle(seed=seed).repeat()
@@ -249,6 +303,11 @@ def _open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus
     )
 
 
+def num_streams(config: ml_collections.ConfigDict, process_count: int) -> int:
+    """Training streams the global batch is read as (data.num_streams, 0 = one per process)."""
+    return int(config.data.get("num_streams", 0) or process_count)
+
+
 def _check_shapes(config: ml_collections.ConfigDict, process_count: int) -> None:
     if config.train.seq_len > config.model.max_len:
         raise DataError(
@@ -262,6 +321,12 @@ def _check_shapes(config: ml_collections.ConfigDict, process_count: int) -> None
                 f"train.{name}={size} is not a positive multiple of the process count "
                 f"{process_count}."
             )
+    streams = num_streams(config, process_count)
+    if streams < 0 or streams % process_count or config.train.batch_size % streams:
+        raise DataError(
+            f"data.num_streams={streams} must be a multiple of the process count {process_count} "
+            f"that divides train.batch_size={config.train.batch_size}."
+        )
 
 
 def build_datasets(
@@ -278,10 +343,11 @@ def build_datasets(
     if not cache_dir:
         raise DataError("no cache directory: set data.cache_dir or pass cache_dir.")
     corpus = _open_corpus(data, str(cache_dir))
-    if len(corpus.train) < process_count:
+    streams = num_streams(config, process_count)
+    if len(corpus.train) < streams:
         raise DataError(
             f"the training split has {len(corpus.train)} documents, fewer than the "
-            f"{process_count} processes that share it."
+            f"{streams} streams (data.num_streams, 0 = one per process) that share it."
         )
     training_texts = (
         text_corpus.document_text(example, corpus.text_key)
@@ -299,17 +365,21 @@ def build_datasets(
         seed=config.seed,
     )
     seq_len, tokenize = config.train.seq_len, DocumentTokenizer(tokenizer)
-    train = _train_dataset(
-        corpus.train,
-        text_key=corpus.text_key,
-        tokenize=tokenize,
-        seq_len=seq_len,
-        batch_size=config.train.batch_size // process_count,
-        seed=data.shuffle_seed,
-        worker_count=data.worker_count,
-        process_index=process_index,
-        process_count=process_count,
-    )
+    per_process = streams // process_count  # each with its own data.worker_count workers
+    train = {
+        index: _train_dataset(
+            corpus.train,
+            text_key=corpus.text_key,
+            tokenize=tokenize,
+            seq_len=seq_len,
+            batch_size=config.train.batch_size // streams,
+            seed=data.shuffle_seed,
+            worker_count=data.worker_count,
+            stream_index=index,
+            num_streams=streams,
+        )
+        for index in range(process_index * per_process, (process_index + 1) * per_process)
+    }
     make_eval_iter = functools.partial(
         _eval_batches,
         corpus.validation,
@@ -322,7 +392,7 @@ def build_datasets(
     )
     return DataBundle(
         tokenizer=tokenizer,
-        train_iter=TrainIterator(train),
+        train_iter=TrainIterator(train, num_streams=streams),
         make_eval_iter=make_eval_iter,
         num_train_documents=len(corpus.train),
         num_eval_documents=len(corpus.validation),

@@ -1,0 +1,102 @@
+"""Where a train step's GPU time goes: traces a few steps and sums kernel time by name.
+
+python experiments/profile_step.py --config=configs/glam_gpu_bench.py:moe --top=30 \
+    --json_out=/tmp/profile.json
+
+Uses jax.profiler's Perfetto trace (no TensorBoard plugin needed) and groups device events by
+kernel name, so a slow op (e.g. a scatter in a gradient) shows up at the top of the table.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+
+from absl import app, flags
+
+from glam_jax import gpu_defaults
+
+_CONFIG = flags.DEFINE_string("config", "configs/glam_gpu_bench.py:moe", "Config file[:variant].")
+_STEPS = flags.DEFINE_integer("steps", 3, "Traced steps.")
+_TOP = flags.DEFINE_integer("top", 30, "Rows to print.")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "Write the table as JSON here.")
+
+
+def kernel_table(trace_path: str, steps: int) -> list[dict]:
+    """[{name, ms_per_step, count_per_step}] of device events, largest first."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    pids = {
+        e["pid"]
+        for e in trace["traceEvents"]
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and "/device:" in str(e.get("args", {}).get("name", ""))
+    }
+    total = collections.Counter()
+    count = collections.Counter()
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and e.get("pid") in pids:
+            total[e["name"]] += e.get("dur", 0)
+            count[e["name"]] += 1
+    return [
+        {"name": n, "ms_per_step": us / 1e3 / steps, "count_per_step": count[n] / steps}
+        for n, us in total.most_common()
+    ]
+
+
+def main(argv) -> None:
+    del argv
+    import jax
+    import numpy as np
+
+    from experiments.bench_utils import load_config
+    from glam_jax import optim, sharding, steps
+
+    config = load_config(_CONFIG.value)
+    mesh = sharding.make_mesh(config.mesh.shape)
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    state, shardings = steps.create_train_state(config, model, tx, mesh)
+    train_step = steps.make_train_step(config, model, tx, mesh, shardings)
+    b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
+    rng = np.random.RandomState(0)
+    batch = steps.global_batch(
+        {
+            "inputs": rng.randint(0, v, (b, s)).astype(np.int32),
+            "targets": rng.randint(0, v, (b, s)).astype(np.int32),
+            "segment_ids": np.ones((b, s), np.int32),
+            "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
+            "weights": np.ones((b, s), np.float32),
+            "target_chars": np.ones((b, s), np.int32),
+        },
+        mesh,
+    )
+    for _ in range(3):
+        state, _ = train_step(state, batch)
+    jax.block_until_ready(state)
+    logdir = tempfile.mkdtemp()
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        for _ in range(_STEPS.value):
+            state, _ = train_step(state, batch)
+        jax.block_until_ready(state)
+    path = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)[0]
+    rows = kernel_table(path, _STEPS.value)
+    step_ms = sum(r["ms_per_step"] for r in rows)
+    print(f"{_CONFIG.value}: {step_ms:.1f} ms of kernels per step")
+    for r in rows[: _TOP.value]:
+        share = r["ms_per_step"] / step_ms
+        calls = r["count_per_step"]
+        print(f"{r['ms_per_step']:8.2f} ms {share:6.1%} x{calls:5.0f}  {r['name'][:110]}")
+    if _JSON_OUT.value:
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump({"config": _CONFIG.value, "kernel_ms_per_step": step_ms, "rows": rows}, f)
+
+
+if __name__ == "__main__":
+    gpu_defaults.apply()
+    app.run(main)

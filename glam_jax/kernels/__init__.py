@@ -1,0 +1,1 @@
+"""Accelerator-specific kernels; each falls back cleanly where its hardware is absent."""

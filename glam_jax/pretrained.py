@@ -1,0 +1,83 @@
+"""Parameters and tokenizer of a trained model, for inference: from a glam_jax workdir (orbax
+checkpoints written by training) or from a Hugging Face Mixtral directory.
+
+The workdir route restores the whole train state through `checkpoint.Checkpointer` (so a
+config that does not match the checkpoint fails in one sentence) and keeps the parameters.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+import ml_collections
+import sentencepiece as spm
+from jax.sharding import Mesh
+
+from glam_jax import checkpoint, hf_checkpoint, optim, steps
+from glam_jax.data.tokenizer import load_tokenizer
+from glam_jax.errors import GlamError
+
+
+class PretrainedError(GlamError):
+    """Trained weights or a tokenizer that cannot be found, in one sentence."""
+
+
+def params_from_workdir(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None
+):
+    """(params, step) restored into their training shardings on `mesh` (latest step default)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise PretrainedError(f"{workdir} has no checkpoints/ folder; is it a training workdir?")
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    ckpt = checkpoint.Checkpointer(workdir, config, is_primary=False)
+    try:
+        abstract, _ = steps.abstract_state(config, model, tx, mesh)
+        state, _ = ckpt.restore(abstract, step)
+    finally:
+        ckpt.close()
+    return state.params, int(jax.device_get(state.step))
+
+
+def params_from_hf(path: str, mesh: Mesh, config: ml_collections.ConfigDict | None = None):
+    """(config, params) of a Hugging Face Mixtral directory (see hf_checkpoint)."""
+    return hf_checkpoint.load_mixtral(path, mesh, config)
+
+
+def tokenizer_path(
+    config: ml_collections.ConfigDict | None, workdir: str = "", hf_dir: str = ""
+) -> str:
+    """The SentencePiece model that belongs to a workdir or HF directory.
+
+    A workdir's tokenizer is `data.tokenizer_path` if the run set one, else the model training
+    cached under <cache_dir or workdir/data>/tokenizers/spm-*-<type>-<vocab>.model. An HF
+    directory's is its `tokenizer.model`.
+    """
+    if hf_dir:
+        path = os.path.join(hf_dir, "tokenizer.model")
+        if os.path.isfile(path):
+            return path
+        raise PretrainedError(
+            f"{hf_dir} has no tokenizer.model; pass --tokenizer=path/to/tokenizer.model "
+            "(e.g. mistral_common/data/tokenizer.model.v1 for Mixtral)."
+        )
+    data = config.data
+    if data.tokenizer_path:
+        return data.tokenizer_path
+    cache = data.cache_dir or os.path.join(workdir, "data")
+    pattern = os.path.join(
+        cache, "tokenizers", f"spm-*-{data.spm_model_type}-{config.model.vocab_size}.model"
+    )
+    found = sorted(glob.glob(pattern))
+    if len(found) != 1:
+        what = "no tokenizer matches" if not found else f"{len(found)} tokenizers match"
+        raise PretrainedError(
+            f"{what} {pattern}; pass --tokenizer=path/to/the.model used in training."
+        )
+    return found[0]
+
+
+def tokenizer(path: str) -> spm.SentencePieceProcessor:
+    return load_tokenizer(path)

@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["glam_jax", "glam_jax.*", "configs"]),
+    packages=find_packages(include=["glam_jax", "glam_jax.*", "configs", "experiments"]),
     package_data={"glam_jax.data": ["corpus/*.txt", "corpus/*.md"]},
     include_package_data=True,
     install_requires=[

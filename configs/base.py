@@ -93,6 +93,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.cache_dir = ""  # prepared corpora and tokenizers; '' = <workdir>/data
     d.shuffle_seed = 0  # data order seed
     d.worker_count = 0  # grain worker processes (0 = in the training process)
+    d.num_streams = 0  # training streams the global batch is read as; 0 = one per process.
+    # A fixed value (a multiple of the process count dividing train.batch_size) makes the
+    # global batches independent of how many processes read them.
 
     # ---- training -----------------------------------------------------------------------------
     t = config.train = ml_collections.ConfigDict()

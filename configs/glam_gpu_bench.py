@@ -2,11 +2,32 @@
 
 8 layers = 4 scanned (dense, MoE) blocks, M=2048, 16x128 heads, H=8192 gated GELU, vocab
 32768, 8 experts top-2, B=8 x S=2048: the reference model of reference/moe.md section 6.
+Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, ...
 """
 
 import ml_collections
 
 from configs import glam
+
+
+def parse_variant(arg: str | None) -> dict:
+    """'moe' (default), 'dense', 'moe+dispatch=sort', 'dense+batch=16', ..."""
+    variant = {"kind": "moe", "dispatch": "einsum", "batch": 8}
+    for part in (arg or "").split("+"):
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        if not value:
+            variant["kind"] = key
+        elif key == "dispatch":
+            variant["dispatch"] = value
+        elif key == "batch":
+            variant["batch"] = int(value)
+        else:
+            raise ValueError(f"unknown bench variant {part!r}; use moe|dense, dispatch=, batch=.")
+    if variant["kind"] not in ("moe", "dense"):
+        raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
+    return variant
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -15,10 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.vocab_size = 32768
     config.model.max_len = 2048
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
-    config.moe.num_experts = 8 if arg in (None, "", "moe") else 0  # ':dense' = the dense twin
+    variant = parse_variant(arg)
+    config.moe.num_experts = 0 if variant["kind"] == "dense" else 8  # ':dense' = the dense twin
+    config.moe.dispatch = variant["dispatch"]
     config.moe.group_size = 1024
-    config.train.batch_size = 8
-    config.train.eval_batch_size = 8
+    config.train.batch_size = variant["batch"]
+    config.train.eval_batch_size = variant["batch"]
     config.train.seq_len = 2048
     config.train.optimizer = "adamw"
     config.train.learning_rate = 3e-4

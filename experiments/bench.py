@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags
 
-from experiments.bench_utils import load_config, time_fn
+from experiments.bench_utils import load_config, random_train_step, time_fn
 from glam_jax import gpu_defaults
 
 _WHAT = flags.DEFINE_list("what", ["moe", "attention", "step", "compile"], "Benchmarks to run.")
@@ -238,29 +238,14 @@ def bench_attention() -> list[dict]:
 def bench_step() -> list[dict]:
     """Full train steps (random tokens) of each --step_configs entry: time, tokens/s, MFU."""
     import jax
-    import numpy as np
 
-    from glam_jax import flops, optim, sharding, steps
+    from glam_jax import flops
 
     rows = []
     for spec in _STEP_CONFIGS.value:
         config = load_config(spec)
-        mesh = sharding.make_mesh(config.mesh.shape)
-        model = steps.build_model(config)
-        tx = optim.make_optimizer(config.train)
-        state, shardings = steps.create_train_state(config, model, tx, mesh)
-        train_step = steps.make_train_step(config, model, tx, mesh, shardings)
-        b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
-        rng = np.random.RandomState(0)
-        batch = {
-            "inputs": rng.randint(0, v, (b, s)).astype(np.int32),
-            "targets": rng.randint(0, v, (b, s)).astype(np.int32),
-            "segment_ids": np.ones((b, s), np.int32),
-            "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
-            "weights": np.ones((b, s), np.float32),
-            "target_chars": np.ones((b, s), np.int32),
-        }
-        batch = steps.global_batch(batch, mesh)
+        _, state, train_step, batch = random_train_step(config)
+        b, s = config.train.batch_size, config.train.seq_len
         start = time.perf_counter()
         state, _ = train_step(state, batch)
         jax.block_until_ready(state)

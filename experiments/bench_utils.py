@@ -29,3 +29,31 @@ def load_config(spec: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant) if variant else module.get_config()
+
+
+def random_train_step(config):
+    """(mesh, state, jitted train step, global batch of random tokens) for a config.
+
+    Benchmarks and profiles time the model, not the input pipeline: the batch is random
+    tokens in the pipeline's layout, one unpacked document per row.
+    """
+    import numpy as np
+
+    from glam_jax import optim, sharding, steps
+
+    mesh = sharding.make_mesh(config.mesh.shape)
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    state, shardings = steps.create_train_state(config, model, tx, mesh)
+    train_step = steps.make_train_step(config, model, tx, mesh, shardings)
+    b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
+    rng = np.random.RandomState(0)
+    batch = {
+        "inputs": rng.randint(0, v, (b, s)).astype(np.int32),
+        "targets": rng.randint(0, v, (b, s)).astype(np.int32),
+        "segment_ids": np.ones((b, s), np.int32),
+        "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
+        "weights": np.ones((b, s), np.float32),
+        "target_chars": np.ones((b, s), np.int32),
+    }
+    return mesh, state, train_step, steps.global_batch(batch, mesh)

@@ -52,30 +52,11 @@ def kernel_table(trace_path: str, steps: int) -> list[dict]:
 def main(argv) -> None:
     del argv
     import jax
-    import numpy as np
 
-    from experiments.bench_utils import load_config
-    from glam_jax import optim, sharding, steps
+    from experiments.bench_utils import load_config, random_train_step
 
     config = load_config(_CONFIG.value)
-    mesh = sharding.make_mesh(config.mesh.shape)
-    model = steps.build_model(config)
-    tx = optim.make_optimizer(config.train)
-    state, shardings = steps.create_train_state(config, model, tx, mesh)
-    train_step = steps.make_train_step(config, model, tx, mesh, shardings)
-    b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
-    rng = np.random.RandomState(0)
-    batch = steps.global_batch(
-        {
-            "inputs": rng.randint(0, v, (b, s)).astype(np.int32),
-            "targets": rng.randint(0, v, (b, s)).astype(np.int32),
-            "segment_ids": np.ones((b, s), np.int32),
-            "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
-            "weights": np.ones((b, s), np.float32),
-            "target_chars": np.ones((b, s), np.int32),
-        },
-        mesh,
-    )
+    _, state, train_step, batch = random_train_step(config)
     for _ in range(3):
         state, _ = train_step(state, batch)
     jax.block_until_ready(state)

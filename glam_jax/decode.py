@@ -150,6 +150,7 @@ class Generation:
     steps: int  # tokens produced per row (the fused loop stops early when every row hit EOS)
     batch: int  # prompts in the batch (filler rows not counted)
     prompt_len: int  # padded prompt length P
+    logits: np.ndarray | None = None  # [prompts, steps, vocab] float32 when asked for
 
     @property
     def new_tokens(self) -> int:
@@ -167,7 +168,7 @@ class Generation:
 
 
 class Generator:
-    """Jitted prefill, single step and fused decode loop of one model on one mesh."""
+    """Jitted prefill and fused sampling loop of one model on one mesh."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
         self.config = decode_config(config)
@@ -237,16 +238,9 @@ class Generator:
         with sharding.use_mesh(self.mesh):
             return fn(params, cache, prompts.tokens, prompts.segment_ids, prompts.positions)
 
-    def step(self, params, cache, tokens_b, positions_b):
-        """(logits [batch, vocab] float32, cache) after one more token per row."""
-        fn = self._compiled("step", cache)
-        with sharding.use_mesh(self.mesh):
-            return fn(params, cache, tokens_b, positions_b)
-
-    def _compiled(
-        self, name: str, cache, sampling: Sampling | None = None, steps: int = 0, eos_id: int = -1
-    ):
-        key = (name, jax.tree.structure(cache), sampling, steps, eos_id)
+    def _compiled(self, name: str, cache, *loop_options):
+        """jit with parameter, cache and batch shardings, cache donated; one per shape set."""
+        key = (name, jax.tree.structure(cache), loop_options)
         if key in self._jitted:
             return self._jitted[key]
         cache_sh = jax.tree.map(lambda a: a.sharding, cache)
@@ -261,55 +255,65 @@ class Generator:
                 out_shardings=(logits_sh, cache_sh),
                 donate_argnums=1,
             )
-        elif name == "step":
-
-            def one_step(params, cache, tokens_b, positions_b):
-                ones = jnp.ones_like(tokens_b)[:, None]
-                return self._apply(params, cache, tokens_b[:, None], ones, positions_b[:, None])
-
-            fn = jax.jit(
-                one_step,
-                in_shardings=(param_sh, cache_sh, row_sh, row_sh),
-                out_shardings=(logits_sh, cache_sh),
-                donate_argnums=1,
-            )
         else:  # the fused sampling loop
+            sampling, steps, keep_logits = loop_options
+            step_logits_sh = NamedSharding(
+                self.mesh, sharding.logical_to_spec(("batch", "length", "vocab"))
+            )
             fn = jax.jit(
-                lambda *a: self._loop(*a, sampling=sampling, steps=steps, eos_id=eos_id),
-                in_shardings=(param_sh, cache_sh, logits_sh, row_sh, row_sh, None),
-                out_shardings=(batch_sh, None, cache_sh),
+                lambda *a: self._loop(*a, sampling=sampling, steps=steps, keep_logits=keep_logits),
+                in_shardings=(param_sh, cache_sh, logits_sh, row_sh, row_sh, None, None),
+                out_shardings=(batch_sh, None, step_logits_sh if keep_logits else None, cache_sh),
                 donate_argnums=1,
             )
         self._jitted[key] = fn
         return fn
 
     def _loop(
-        self, params, cache, logits_bv, positions_b, active_b, rng, *, sampling, steps, eos_id
+        self,
+        params,
+        cache,
+        logits_bv,
+        positions_b,
+        active_b,
+        rng,
+        eos_id,
+        *,
+        sampling: Sampling,
+        steps: int,
+        keep_logits: bool,
     ):
         """Samples `steps` tokens per row in one while loop; stops early once every active row
-        has produced EOS (eos_id < 0: never). Returns (tokens [b, steps], steps run, cache)."""
-        b = logits_bv.shape[0]
-        pad = max(eos_id, 0)
+        has produced EOS (eos_id < 0: never). Returns (tokens [b, steps], steps run, the logits
+        each token was drawn from [b, steps, V] or None, cache)."""
+        b, v = logits_bv.shape
+        pad = jnp.maximum(eos_id, 0)
         tok_b = sample_logits(logits_bv, jax.random.fold_in(rng, 0), sampling)
         out_bn = jnp.full((b, steps), pad, jnp.int32).at[:, 0].set(tok_b)
+        seen_bnv = jnp.zeros((b, steps if keep_logits else 0, v), jnp.float32)
+        if keep_logits:
+            seen_bnv = seen_bnv.at[:, 0].set(logits_bv)
         done_b = ~active_b | (tok_b == eos_id)
 
         def cond(carry):
-            i, _, _, _, done_b, _ = carry
+            i, _, _, _, done_b, _, _ = carry
             return (i < steps) & ~jnp.all(done_b)
 
         def body(carry):
-            i, cache, tok_b, pos_b, done_b, out_bn = carry
+            i, cache, tok_b, pos_b, done_b, out_bn, seen_bnv = carry
             ones_b1 = jnp.ones((b, 1), jnp.int32)
             logits_bv, cache = self._apply(params, cache, tok_b[:, None], ones_b1, pos_b[:, None])
             new_b = sample_logits(logits_bv, jax.random.fold_in(rng, i), sampling)
             new_b = jnp.where(done_b, pad, new_b)
             out_bn = jax.lax.dynamic_update_slice(out_bn, new_b[:, None], (0, i))
-            return i + 1, cache, new_b, pos_b + 1, done_b | (new_b == eos_id), out_bn
+            if keep_logits:
+                seen_bnv = jax.lax.dynamic_update_slice(seen_bnv, logits_bv[:, None], (0, i, 0))
+            done_b = done_b | (new_b == eos_id)
+            return i + 1, cache, new_b, pos_b + 1, done_b, out_bn, seen_bnv
 
-        carry = (jnp.int32(1), cache, tok_b, positions_b, done_b, out_bn)
-        n, cache, _, _, _, out_bn = jax.lax.while_loop(cond, body, carry)
-        return out_bn, n, cache
+        carry = (jnp.int32(1), cache, tok_b, positions_b, done_b, out_bn, seen_bnv)
+        n, cache, _, _, _, out_bn, seen_bnv = jax.lax.while_loop(cond, body, carry)
+        return out_bn, n, seen_bnv if keep_logits else None, cache
 
     # ---- the whole thing ----------------------------------------------------------------
     def generate(
@@ -322,8 +326,10 @@ class Generator:
         seed: int = 0,
         eos_id: int | None = None,
         pad_id: int = 0,
+        return_logits: bool = False,
     ) -> Generation:
-        """Generates up to `max_new_tokens` per prompt (stopping a row at `eos_id`)."""
+        """Generates up to `max_new_tokens` per prompt (stopping a row at `eos_id`);
+        return_logits also returns the float32 logits each new token was drawn from."""
         sampling.check()
         if max_new_tokens < 1:
             raise DecodeError(f"max_new_tokens={max_new_tokens} must be >= 1.")
@@ -331,7 +337,7 @@ class Generator:
         b, p = padded.tokens.shape
         cache = self.init_cache(b, p + max_new_tokens)
         eos = -1 if eos_id is None else int(eos_id)
-        loop = self._compiled("loop", cache, sampling, max_new_tokens, eos)
+        loop = self._compiled("loop", cache, sampling, max_new_tokens, return_logits)
         active = np.arange(b) < padded.num_prompts
 
         start = time.perf_counter()
@@ -340,13 +346,20 @@ class Generator:
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         with sharding.use_mesh(self.mesh):
-            out_bn, n, cache = loop(
-                params, cache, logits_bv, padded.lengths, active, jax.random.PRNGKey(seed)
+            out_bn, n, seen_bnv, cache = loop(
+                params,
+                cache,
+                logits_bv,
+                padded.lengths,
+                active,
+                jax.random.PRNGKey(seed),
+                np.int32(eos),
             )
         out_bn = np.asarray(jax.device_get(out_bn))
         decode_s = time.perf_counter() - start
         n = int(n)
+        seen = None if seen_bnv is None else np.asarray(seen_bnv)[: padded.num_prompts, :n]
         tokens = []
         for row in out_bn[: padded.num_prompts, :n].tolist():
             tokens.append(row[: row.index(eos)] if eos in row else row)
-        return Generation(tokens, prefill_s, decode_s, n, padded.num_prompts, p)
+        return Generation(tokens, prefill_s, decode_s, n, padded.num_prompts, p, seen)

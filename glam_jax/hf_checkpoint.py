@@ -274,9 +274,9 @@ class ShardIndex:
         unknown = sorted(k for k in self.file_of if k not in shapes and not IGNORED_KEY.match(k))
         if unknown:
             raise HFCheckpointError(
-                f"checkpoint {self.path} has an unknown key layout (e.g. {unknown[0]!r}, "
-                f"{len(unknown)} unexpected keys); expected the Mixtral hub layout with "
-                "model.layers.N.block_sparse_moe.experts.J.w1/w2/w3 keys."
+                f"checkpoint {self.path} has an unknown key layout ({len(unknown)} unexpected "
+                f"keys, first {unknown[0]!r}); expected the Mixtral hub layout with "
+                "per-expert 'model.layers.<i>.block_sparse_moe.experts.<j>.w1' (w2, w3) keys."
             )
         missing = [k for k in shapes if k not in self.file_of]
         if missing:

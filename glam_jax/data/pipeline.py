@@ -305,7 +305,7 @@ def _open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus
 
 def num_streams(config: ml_collections.ConfigDict, process_count: int) -> int:
     """Training streams the global batch is read as (data.num_streams, 0 = one per process)."""
-    return int(config.data.get("num_streams", 0) or process_count)
+    return int(config.data.num_streams or process_count)
 
 
 def _check_shapes(config: ml_collections.ConfigDict, process_count: int) -> None:

@@ -23,6 +23,7 @@ setup(
         "absl-py>=2.1",
         "grain>=0.2.10",
         "sentencepiece>=0.2",
+        "safetensors>=0.4",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "numpy>=1.26",

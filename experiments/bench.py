@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags
 
-from experiments.bench_utils import load_config, random_train_step, time_fn
+from experiments.bench_utils import load_config, random_train_step, time_fn, trace_kernels
 from glam_jax import gpu_defaults
 
 _WHAT = flags.DEFINE_list("what", ["moe", "attention", "step", "compile"], "Benchmarks to run.")
@@ -38,6 +38,10 @@ _STEP_CONFIGS = flags.DEFINE_list(
 _DEPTHS = flags.DEFINE_list("depths", ["8", "64"], "Compile benchmark: layer counts.")
 _ITERS = flags.DEFINE_integer("iters", 20, "Timed iterations (median reported).")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.0, "bf16 peak per device for utilisation.")
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "MoE/FFN bench: parameter dtype.")
+_PROFILE = flags.DEFINE_integer(
+    "profile_top", 0, "MoE bench: print the N slowest kernels per path."
+)
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write all results to this JSON file.")
 
 
@@ -61,24 +65,34 @@ def bench_moe() -> list[dict]:
     def timed(module, label, extra):
         params = jax.jit(module.init)(jax.random.PRNGKey(1), x)
 
-        def loss(p, x):
+        def loss(p, x, ct):
             out = module.apply(p, x, rngs={"routing": jax.random.PRNGKey(2)})
             y = out[0] if isinstance(out, tuple) else out
-            return jnp.sum(y.astype(jnp.float32) * cotangent)  # random: no algebraic shortcut
+            return jnp.sum(y.astype(jnp.float32) * ct)  # random ct: no algebraic shortcut
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        sec = time_fn(step, params, x, iters=_ITERS.value)
+        sec = time_fn(step, params, x, cotangent, iters=_ITERS.value)
         row = dict(bench="ffn", path=label, seconds=sec, tflops=flops / sec / 1e12, **extra)
         print(f"  {label:10s} {sec * 1e3:8.2f} ms  {row['tflops']:7.1f} TFLOP/s", flush=True)
+        if _PROFILE.value:
+            kernels = trace_kernels(lambda: step(params, x, cotangent), 3)[: _PROFILE.value]
+            row["kernels"] = kernels
+            for r in kernels:
+                print(
+                    f"      {r['ms_per_step']:7.2f} ms x{r['count_per_step']:4.0f} {r['name'][:90]}"
+                )
         rows.append(row)
         return params
 
     shape = dict(tokens=t, embed=m, mlp=h, experts=e, k=k)
-    dense = GluFFN(mlp_dim=k * h, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    pdtype = jnp.dtype(_PARAM_DTYPE.value)
+    shape["param_dtype"] = _PARAM_DTYPE.value
+    dense = GluFFN(mlp_dim=k * h, dtype=jnp.bfloat16, param_dtype=pdtype)
     timed(dense, "dense", shape)
     for path in _DISPATCHES.value:
         config = get_base_config()
         config.model.dtype = "bfloat16"
+        config.model.param_dtype = _PARAM_DTYPE.value
         config.model.embed_dim, config.model.mlp_dim = m, h
         config.moe.update(
             num_experts=e,
@@ -127,7 +141,7 @@ def bench_gmm() -> list[dict]:
     flops = 2 * rows_n * m * h
 
     def grad_of(f):
-        return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * ct), (0, 1)))
+        return jax.jit(jax.grad(lambda x, w, c: jnp.sum(f(x, w).astype(jnp.float32) * c), (0, 1)))
 
     def gmm_fn(x, w):
         return gmm.grouped_matmul(x, w, sizes)
@@ -137,8 +151,8 @@ def bench_gmm() -> list[dict]:
         ("dense_fwd", jax.jit(lambda x, w: x @ w), (x, w_dense), 1),
         ("gmm_fwd", jax.jit(gmm_fn), (x, w), 1),
         ("xla_ragged_fwd", jax.jit(lambda x, w: jax.lax.ragged_dot(x, w, sizes)), (x, w), 1),
-        ("dense_fwd_bwd", grad_of(lambda x, w: x @ w), (x, w_dense), 3),
-        ("gmm_fwd_bwd", grad_of(gmm_fn), (x, w), 3),
+        ("dense_fwd_bwd", grad_of(lambda x, w: x @ w), (x, w_dense, ct), 3),
+        ("gmm_fwd_bwd", grad_of(gmm_fn), (x, w, ct), 3),
     )
     for name, fn, args, mult in cases:
         try:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
+import os
 import statistics
+import tempfile
 import time
 
 
@@ -57,3 +63,40 @@ def random_train_step(config):
         "target_chars": np.ones((b, s), np.int32),
     }
     return mesh, state, train_step, steps.global_batch(batch, mesh)
+
+
+def kernel_table(trace_path: str, steps: int) -> list[dict]:
+    """[{name, ms_per_step, count_per_step}] of device events, largest first."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    pids = {
+        e["pid"]
+        for e in trace["traceEvents"]
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and "/device:" in str(e.get("args", {}).get("name", ""))
+    }
+    total = collections.Counter()
+    count = collections.Counter()
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and e.get("pid") in pids:
+            total[e["name"]] += e.get("dur", 0)
+            count[e["name"]] += 1
+    return [
+        {"name": n, "ms_per_step": us / 1e3 / steps, "count_per_step": count[n] / steps}
+        for n, us in total.most_common()
+    ]
+
+
+def trace_kernels(fn, steps: int) -> list[dict]:
+    """Runs fn() `steps` times under jax.profiler and returns kernel_table of the trace."""
+    import jax
+
+    jax.block_until_ready(fn())
+    logdir = tempfile.mkdtemp()
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)
+    path = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)[0]
+    return kernel_table(path, steps)

@@ -126,7 +126,8 @@ def run() -> dict:
             f"{config.model.vocab_size}; pass the tokenizer the model was trained with."
         )
     prompts = _prompts(tokenizer, config.model.vocab_size)
-    sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value).check()
+    limit = tokenizer.vocab_size() if tokenizer is not None else 0  # only ids it can print
+    sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, limit).check()
     eos = None if (_IGNORE_EOS.value or tokenizer is None) else tokenizer.eos_id()
     gen = decode.Generator(config, mesh)
     kwargs = dict(sampling=sampling, seed=_SEED.value, eos_id=eos)

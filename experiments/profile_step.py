@@ -9,12 +9,7 @@ kernel name, so a slow op (e.g. a scatter in a gradient) shows up at the top of 
 
 from __future__ import annotations
 
-import collections
-import glob
-import gzip
 import json
-import os
-import tempfile
 
 from absl import app, flags
 
@@ -26,47 +21,24 @@ _TOP = flags.DEFINE_integer("top", 30, "Rows to print.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the table as JSON here.")
 
 
-def kernel_table(trace_path: str, steps: int) -> list[dict]:
-    """[{name, ms_per_step, count_per_step}] of device events, largest first."""
-    with gzip.open(trace_path, "rt") as f:
-        trace = json.load(f)
-    pids = {
-        e["pid"]
-        for e in trace["traceEvents"]
-        if e.get("ph") == "M"
-        and e.get("name") == "process_name"
-        and "/device:" in str(e.get("args", {}).get("name", ""))
-    }
-    total = collections.Counter()
-    count = collections.Counter()
-    for e in trace["traceEvents"]:
-        if e.get("ph") == "X" and e.get("pid") in pids:
-            total[e["name"]] += e.get("dur", 0)
-            count[e["name"]] += 1
-    return [
-        {"name": n, "ms_per_step": us / 1e3 / steps, "count_per_step": count[n] / steps}
-        for n, us in total.most_common()
-    ]
-
-
 def main(argv) -> None:
     del argv
     import jax
 
-    from experiments.bench_utils import load_config, random_train_step
+    from experiments.bench_utils import load_config, random_train_step, trace_kernels
 
     config = load_config(_CONFIG.value)
     _, state, train_step, batch = random_train_step(config)
     for _ in range(3):
         state, _ = train_step(state, batch)
     jax.block_until_ready(state)
-    logdir = tempfile.mkdtemp()
-    with jax.profiler.trace(logdir, create_perfetto_trace=True):
-        for _ in range(_STEPS.value):
-            state, _ = train_step(state, batch)
-        jax.block_until_ready(state)
-    path = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)[0]
-    rows = kernel_table(path, _STEPS.value)
+    current = {"state": state}
+
+    def one_step():  # the step donates its state, so thread it through
+        current["state"], _ = train_step(current["state"], batch)
+        return current["state"]
+
+    rows = trace_kernels(one_step, _STEPS.value)
     step_ms = sum(r["ms_per_step"] for r in rows)
     print(f"{_CONFIG.value}: {step_ms:.1f} ms of kernels per step")
     for r in rows[: _TOP.value]:

@@ -48,6 +48,18 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         mc.remat_policy in REMAT_POLICIES,
         f"model.remat_policy={mc.remat_policy!r} is not valid; valid: {sorted(REMAT_POLICIES)}.",
     )
+    _need(
+        mc.position in ("relative_bias", "rope", "none"),
+        f"model.position={mc.position!r} is not valid; valid: relative_bias, rope, none.",
+    )
+    _need(
+        mc.position != "rope" or mc.head_dim % 2 == 0,
+        f"model.head_dim={mc.head_dim} must be even for position='rope' (it rotates pairs).",
+    )
+    _need(
+        mc.sliding_window >= 0,
+        f"model.sliding_window={mc.sliding_window} must be >= 0 (0 = full causal attention).",
+    )
     if moe.num_experts == 0:
         return
     _need(moe.num_experts >= 1, f"moe.num_experts={moe.num_experts} must be >= 0.")
@@ -58,6 +70,10 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     _need(
         moe.dispatch in dispatch.DISPATCHES,
         f"moe.dispatch={moe.dispatch!r} is not valid; valid: {dispatch.DISPATCHES}.",
+    )
+    _need(
+        moe.decode_dispatch in dispatch.DISPATCHES,
+        f"moe.decode_dispatch={moe.decode_dispatch!r} is not valid; valid: {dispatch.DISPATCHES}.",
     )
     for name in ("capacity_factor_train", "capacity_factor_eval"):
         _need(

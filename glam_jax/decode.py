@@ -40,11 +40,16 @@ class DecodeError(GlamError):
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How the next token is picked: temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    """How the next token is picked: temperature 0 is greedy; top_k 0 and top_p 1 are off.
+
+    vocab_limit > 0 never picks ids >= vocab_limit (a model vocabulary padded past its
+    tokenizer's pieces).
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    vocab_limit: int = 0
 
     def check(self) -> Sampling:
         if self.temperature < 0:
@@ -53,6 +58,8 @@ class Sampling:
             raise DecodeError(f"top_k={self.top_k} must be >= 0 (0 = off).")
         if not 0.0 < self.top_p <= 1.0:
             raise DecodeError(f"top_p={self.top_p} must be in (0, 1] (1 = off).")
+        if self.vocab_limit < 0:
+            raise DecodeError(f"vocab_limit={self.vocab_limit} must be >= 0 (0 = off).")
         return self
 
 
@@ -91,6 +98,9 @@ def sample_logits(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling) -> j
     likely token always stays), and a categorical draw picks among the rest.
     """
     logits_bv = logits_bv.astype(jnp.float32)
+    if 0 < sampling.vocab_limit < logits_bv.shape[-1]:
+        ids_v = jnp.arange(logits_bv.shape[-1])
+        logits_bv = jnp.where(ids_v < sampling.vocab_limit, logits_bv, -jnp.inf)
     if sampling.temperature == 0.0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits_bv = logits_bv / sampling.temperature

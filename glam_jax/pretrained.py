@@ -3,6 +3,7 @@ checkpoints written by training) or from a Hugging Face Mixtral directory.
 
 The workdir route restores the whole train state through `checkpoint.Checkpointer` (so a
 config that does not match the checkpoint fails in one sentence) and keeps the parameters.
+Nothing here imports the data pipeline (grain, TFDS): inference hosts need not have it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sentencepiece as spm
 from jax.sharding import Mesh
 
 from glam_jax import checkpoint, hf_checkpoint, optim, steps
-from glam_jax.data.tokenizer import load_tokenizer
 from glam_jax.errors import GlamError
 
 
@@ -80,4 +80,14 @@ def tokenizer_path(
 
 
 def tokenizer(path: str) -> spm.SentencePieceProcessor:
-    return load_tokenizer(path)
+    """A SentencePiece model with BOS and EOS (prompts start with BOS, generation stops at EOS)."""
+    if not os.path.isfile(path):
+        raise PretrainedError(f"tokenizer {path!r} is not an existing file.")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError):
+        raise PretrainedError(f"tokenizer {path!r} is not a SentencePiece model.") from None
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise PretrainedError(f"tokenizer {path!r} has no BOS or EOS piece; generation needs both.")
+    return sp

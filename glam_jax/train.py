@@ -177,41 +177,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar = tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True)
     last_eval: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(start_step, tc.steps):
-        batch = steps.global_batch(next(data.train_iter), mesh)
-        state, metrics = train_step(state, batch)
-        window_steps += 1
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - window_start
-            row = _log_row(metrics, elapsed, window_steps * tokens_per_step, mfu_denominator)
-            writer.write(done, row)
+    try:
+        for step in range(start_step, tc.steps):
+            batch = steps.global_batch(next(data.train_iter), mesh)
+            state, metrics = train_step(state, batch)
+            window_steps += 1
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - window_start
+                row = _log_row(metrics, elapsed, window_steps * tokens_per_step, mfu_denominator)
+                writer.write(done, row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
             if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            window_start, window_steps = time.perf_counter(), 0
-        if bar is not None:
-            bar.update(1)
-        is_eval = (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
-        if is_eval:
+                bar.update(1)
+            is_eval = (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
+            if is_eval:
+                last_eval = evaluate(eval_step, state.params, data, mesh, tc.eval_batches)
+                writer.write(done, last_eval)
+                say(
+                    f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
+                    f"perplexity {last_eval['eval_perplexity']:.2f}, "
+                    f"bits/char {last_eval['eval_bits_per_char']:.4f}",
+                    bar,
+                )
+                window_start = time.perf_counter()  # eval time is not training throughput
+            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
+                ckpt.save(
+                    done,
+                    state,
+                    merged_data_state(data.train_iter),
+                    metrics={"eval_loss": last_eval["eval_loss"]} if is_eval else None,
+                )
+        if start_step >= tc.steps:  # nothing left to train: report the checkpoint's eval
+            say(f"Already trained to step {start_step} (train.steps={tc.steps}).")
             last_eval = evaluate(eval_step, state.params, data, mesh, tc.eval_batches)
-            writer.write(done, last_eval)
-            say(
-                f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
-                f"perplexity {last_eval['eval_perplexity']:.2f}, "
-                f"bits/char {last_eval['eval_bits_per_char']:.4f}",
-                bar,
-            )
-            window_start = time.perf_counter()  # eval time is not training throughput
-        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
-            ckpt.save(
-                done,
-                state,
-                merged_data_state(data.train_iter),
-                metrics={"eval_loss": last_eval["eval_loss"]} if is_eval else None,
-            )
-    if bar is not None:
-        bar.close()
-    ckpt.close()
-    writer.close()
+    finally:  # also on errors and Ctrl-C: finish pending checkpoint writes, flush metrics
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        writer.close()
+        data.train_iter.close()
     return last_eval

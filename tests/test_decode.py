@@ -177,6 +177,11 @@ def test_top_k_and_top_p_filter_the_tail():
     assert len(set(_draws(decode.Sampling(1.0))[:, 0])) == 4  # no filter: every token
 
 
+def test_vocab_limit_never_picks_ids_past_the_tokenizer():
+    for sampling in (decode.Sampling(vocab_limit=1), decode.Sampling(1.0, vocab_limit=1)):
+        assert (_draws(sampling) == 0).all()
+
+
 def test_bad_sampling_and_lengths_are_refused():
     with pytest.raises(decode.DecodeError, match="top_p"):
         decode.Sampling(top_p=0.0).check()
@@ -185,3 +190,55 @@ def test_bad_sampling_and_lengths_are_refused():
     gen = decode.Generator(glam_config())
     with pytest.raises(decode.DecodeError, match="model.max_len"):
         gen.init_cache(1, glam_config().model.max_len + 1)
+
+
+# ---- GPU (run with `pytest -m gpu tests/test_decode.py` on a GPU host) ---------------------
+
+
+@pytest.mark.parametrize("window", [1, 37, 256])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (cuDNN)")
+def test_cudnn_sliding_window_equals_xla(window, packed):
+    b, s, h, d = 2, 256, 4, 64
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in keys)
+    seg = None
+    if packed:
+        seg = jnp.where(jnp.arange(s) < 100, 1, 2)[None].repeat(b, 0).astype(jnp.int32)
+    mask = attention.attention_mask(seg, s, window)
+    out_x = jax.jit(lambda q, k, v: attention.xla_attention(q, k, v, None, mask, 0.125))(q, k, v)
+    out_c = jax.jit(lambda q, k, v: attention.cudnn_attention(q, k, v, None, seg, 0.125, window))(
+        q, k, v
+    )
+    np.testing.assert_allclose(
+        np.asarray(out_c, np.float32), np.asarray(out_x, np.float32), atol=2e-2, rtol=2e-2
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_hf_fixture_greedy_continuation_on_gpu():
+    """The transformers fixture's greedy tokens through the GPU decode path (full f32 dots)."""
+    import os
+
+    from glam_jax import hf_checkpoint
+    from tests.helpers import ROOT
+
+    fixture = os.path.join(ROOT, "tests", "testdata", "hf_mixtral_tiny")
+    golden = np.load(os.path.join(fixture, "golden.npz"))
+    with jax.default_matmul_precision("highest"):
+        config, params = hf_checkpoint.load_mixtral(fixture)
+        prompts = [
+            golden["prompts"][r, :n].tolist() for r, n in enumerate(golden["prompt_lengths"])
+        ]
+        out = decode.Generator(config).generate(params, prompts, golden["greedy"].shape[1])
+    assert out.tokens == golden["greedy"].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("make_config", [glam_config, mixtral_config], ids=["glam", "mixtral"])
+def test_cached_decoding_equals_full_forward_on_gpu(make_config):
+    with jax.default_matmul_precision("highest"):
+        check_cached_equals_full(make_config(), (1, 1, 1), rows=5)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from glam_jax import decode, hf_checkpoint, sharding
+from glam_jax.data.tokenizer import train_tokenizer
 from glam_jax.errors import GlamError
 from glam_jax.model import Transformer
 from tests.helpers import ROOT
@@ -195,3 +198,46 @@ def test_glam_config_cannot_be_exported(tmp_path):
 def _tensors_of(path: str) -> dict[str, np.ndarray]:
     with safe_open(path, framework="np") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_generate_cli_reports_throughput_as_json(tmp_path):
+    """experiments/generate.py on an HF directory with its tokenizer.model (a SentencePiece
+    model trained here, 120 pieces for the fixture's 128-token vocabulary), default mesh
+    (8 CPU devices, so the 2 prompts are padded to 8 rows); then a broken copy is refused."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(FIXTURE, hf_dir)
+    corpus = os.path.join(ROOT, "glam_jax", "data", "corpus", "tinyshakespeare.txt")
+    with open(corpus) as f:
+        text = f.read(30_000)
+    proto = train_tokenizer([text], vocab_size=120, model_type="unigram", seed=0)
+    (hf_dir / "tokenizer.model").write_bytes(proto)
+    script = os.path.join(ROOT, "experiments", "generate.py")
+    args = [sys.executable, script, f"--hf_dir={hf_dir}", "--max_new_tokens=4", "--warmup=0"]
+    run = subprocess.run(
+        [*args, "--prompt=ROMEO:", "--prompt=To be, or not", "--ignore_eos", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (out["batch"], out["new_tokens_per_row"], out["num_devices"]) == (2, 4, 8)
+    assert out["tokens_per_s"] > 0 and out["time_per_output_token_ms"] > 0
+    assert len(out["texts"]) == 2 and all(len(t) == 4 for t in out["outputs"])
+
+    os.remove(hf_dir / "model-00002-of-00002.safetensors")
+    bad = subprocess.run([*args, "--prompt=x"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: checkpoint "), bad.stderr[-2000:]
+    assert "missing shard 'model-00002-of-00002.safetensors'" in bad.stderr
+
+
+def test_mistral_common_tokenizer_loads_when_installed():
+    """The Mistral/Mixtral v1 SentencePiece model shipped in `mistral-common` (optional)."""
+    mistral_common = pytest.importorskip("mistral_common")
+    from glam_jax import pretrained
+
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    tok = pretrained.tokenizer(path)
+    assert (tok.vocab_size(), tok.bos_id(), tok.eos_id()) == (32000, 1, 2)
+    assert tok.encode("The capital of France is") == [415, 5565, 302, 4843, 349]

@@ -39,6 +39,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         "auto"  # 'auto' (cuDNN flash on GPU when it applies, else XLA), 'xla', 'cudnn'
     )
     m.remat_policy = "none"  # scan-body rematerialisation: see glam_jax/model.py REMAT_POLICIES
+    m.remat_scope = "block"  # what remat covers: 'block' (the scan body) or 'ffn' (FFN/MoE only)
     m.dropout_rate = 0.0  # dropout on attention/FFN outputs (GLaM pretraining uses 0)
     m.init_std = 0.02  # stddev of the normal init of projections and embeddings
 

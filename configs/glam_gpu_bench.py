@@ -12,7 +12,7 @@ from configs import glam
 
 def parse_variant(arg: str | None) -> dict:
     """'moe' (default), 'dense', 'moe+dispatch=sort', 'dense+batch=16', ..."""
-    variant = {"kind": "moe", "dispatch": "einsum", "batch": 8}
+    variant = {"kind": "moe", "dispatch": "einsum", "batch": 8, "remat": "block"}
     for part in (arg or "").split("+"):
         if not part:
             continue
@@ -23,8 +23,12 @@ def parse_variant(arg: str | None) -> dict:
             variant["dispatch"] = value
         elif key == "batch":
             variant["batch"] = int(value)
+        elif key == "remat":
+            variant["remat"] = value
         else:
-            raise ValueError(f"unknown bench variant {part!r}; use moe|dense, dispatch=, batch=.")
+            raise ValueError(
+                f"unknown bench variant {part!r}; use moe|dense, dispatch=, batch=, remat=."
+            )
     if variant["kind"] not in ("moe", "dense"):
         raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
     return variant
@@ -37,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.max_len = 2048
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     variant = parse_variant(arg)
+    config.model.remat_scope = variant["remat"]
     config.moe.num_experts = 0 if variant["kind"] == "dense" else 8  # ':dense' = the dense twin
     config.moe.dispatch = variant["dispatch"]
     config.moe.group_size = 1024

@@ -143,12 +143,17 @@ def cudnn_attention(
     )
 
 
-def resolve_impl(impl: str) -> str:
-    """'auto' picks cuDNN on a GPU backend and XLA elsewhere."""
+def resolve_impl(impl: str, dtype: Dtype | None = None) -> str:
+    """'auto' picks cuDNN on a GPU backend for half-precision activations and XLA elsewhere
+    (cuDNN flash attention takes only fp16/bf16, so float32 models use XLA on GPUs too)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={impl!r} is not valid; valid: {ATTENTION_IMPLS}.")
     if impl == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        half = dtype is None or jnp.dtype(dtype) in (
+            jnp.dtype(jnp.bfloat16),
+            jnp.dtype(jnp.float16),
+        )
+        return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     return impl
 
 
@@ -210,7 +215,7 @@ class Attention(nn.Module):
                 buckets_ts = relative_position_buckets(t, self.rel_buckets, self.rel_max_distance)
                 onehot_tsb = jax.nn.one_hot(buckets_ts, self.rel_buckets, dtype=self.dtype)
                 bias_hts = jnp.einsum("tsb,hb->hts", onehot_tsb, table_hb.astype(self.dtype))
-            if resolve_impl(self.impl) == "cudnn":
+            if resolve_impl(self.impl, self.dtype) == "cudnn":
                 out_bthd = cudnn_attention(
                     q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale, self.sliding_window
                 )

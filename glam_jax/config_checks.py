@@ -45,6 +45,10 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         except ValueError as err:
             raise ConfigError(f"model.{name}: {err}") from None
     _need(
+        mc.remat_scope in ("block", "ffn"),
+        f"model.remat_scope={mc.remat_scope!r} is not valid; valid: 'block', 'ffn'.",
+    )
+    _need(
         mc.remat_policy in REMAT_POLICIES,
         f"model.remat_policy={mc.remat_policy!r} is not valid; valid: {sorted(REMAT_POLICIES)}.",
     )

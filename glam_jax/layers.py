@@ -102,11 +102,12 @@ class GluFFN(nn.Module):
     glu: bool = True
     init_std: float = 0.02
     dropout_rate: float = 0.0
+    deterministic: bool = True  # no dropout (evaluation); an attribute so remat needs no statics
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btm: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x_btm: jax.Array) -> jax.Array:
         m = x_btm.shape[-1]
         init = nn.initializers.normal(self.init_std)
         act = activation_fn(self.activation)
@@ -120,7 +121,7 @@ class GluFFN(nn.Module):
             )
             h_bth = h_bth * jnp.einsum("btm,mh->bth", x_btm, wi1.astype(self.dtype))
         h_bth = constrain(h_bth, ("batch", "length", "mlp"))
-        h_bth = nn.Dropout(self.dropout_rate)(h_bth, deterministic=deterministic)
+        h_bth = nn.Dropout(self.dropout_rate)(h_bth, deterministic=self.deterministic)
         wo = param_with_axes(
             self, "wo", init, (self.mlp_dim, m), self.param_dtype, ("mlp", "embed")
         )

@@ -81,19 +81,27 @@ class DecoderLayer(nn.Module):
         x_btm = x_btm + h_btm
         h_btm = Norm(name="pre_ffn_norm", **norm)(x_btm)
         stats = {}
+        moe_cls, ffn_cls = MoE, GluFFN
+        if mc.remat_policy != "none" and mc.remat_scope == "ffn" and not self.decode:
+            # Only the FFN is recomputed in the backward pass; attention keeps its residuals,
+            # so the cuDNN forward kernel is not run twice.
+            policy = REMAT_POLICIES[mc.remat_policy]
+            moe_cls = nn.remat(MoE, policy=policy, prevent_cse=False)
+            ffn_cls = nn.remat(GluFFN, policy=policy, prevent_cse=False)
         if self.use_moe:
-            h_btm, stats = MoE(self.config, train=self.train, name="moe")(h_btm)
+            h_btm, stats = moe_cls(self.config, train=self.train, name="moe")(h_btm)
         else:
-            h_btm = GluFFN(
+            h_btm = ffn_cls(
                 mlp_dim=mc.mlp_dim,
                 activation=mc.ffn_activation,
                 glu=mc.ffn_glu,
                 init_std=mc.init_std,
                 dropout_rate=mc.dropout_rate,
+                deterministic=not self.train,
                 dtype=dtype,
                 param_dtype=pdtype,
                 name="ffn",
-            )(h_btm, deterministic=not self.train)
+            )(h_btm)
         h_btm = nn.Dropout(mc.dropout_rate)(h_btm, deterministic=not self.train)
         x_btm = constrain(x_btm + h_btm, ("batch", "length", "embed"))
         return x_btm, stats
@@ -159,7 +167,7 @@ class Transformer(nn.Module):
                 f"model.remat_policy={mc.remat_policy!r} is not valid; "
                 f"valid: {sorted(REMAT_POLICIES)}."
             )
-        if mc.remat_policy != "none" and not decode:
+        if mc.remat_policy != "none" and mc.remat_scope == "block" and not decode:
             block = nn.remat(block, policy=REMAT_POLICIES[mc.remat_policy], prevent_cse=False)
         num_blocks = mc.num_layers // config.moe.every
         scanned = nn.scan(

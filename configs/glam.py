@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 1024  # GLaM: 1M tokens per batch
     config.train.eval_batch_size = 256
     config.paper = ml_collections.ConfigDict()  # published figures, printed by param_count
-    config.paper.name = f"GLaM ({size.replace('_', '.')}B/64E)"
+    config.paper.name = f"GLaM ({size.rstrip('b').replace('_', '.')}B/64E)"
     config.paper.total_params = total
     config.paper.activated_params = activated
     return config

@@ -122,22 +122,29 @@ RAGGED_MATMULS: dict[str, Callable] = {"xla": _xla_ragged_dot}
 RAGGED_MATMUL_CHOICES = ("auto", "xla", "mgpu")
 
 
-def resolve_ragged_matmul(name: str) -> str:
-    """'auto' -> the Hopper Mosaic-GPU kernel where it runs, else XLA's ragged_dot."""
+def resolve_ragged_matmul(name: str, experts: Experts | None = None) -> str:
+    """'auto' -> the Hopper Mosaic-GPU kernel where it runs these experts, else XLA's ragged_dot.
+
+    The kernel needs a Hopper GPU, bfloat16/float16 weights and widths that are multiples of
+    its 128-wide tiles; 'auto' falls back to XLA otherwise, an explicit 'mgpu' says why not.
+    """
     if name not in RAGGED_MATMUL_CHOICES:
         raise ValueError(
             f"moe.ragged_matmul={name!r} is not valid; valid: {RAGGED_MATMUL_CHOICES}."
         )
-    if name in ("auto", "mgpu"):
-        from glam_jax.kernels import grouped_matmul
+    if name == "xla":
+        return name
+    from glam_jax.kernels import grouped_matmul
 
-        has_kernel = grouped_matmul.register()
-        if name == "mgpu" and not has_kernel:
-            raise ValueError(
-                "moe.ragged_matmul='mgpu' needs a Hopper (sm_90+) GPU; use 'auto' or 'xla'."
-            )
-        return "mgpu" if has_kernel else "xla"
-    return name
+    reason = grouped_matmul.unsupported_reason(experts.wi_0 if experts is not None else None)
+    if reason is None:
+        grouped_matmul.register()
+        return "mgpu"
+    if name == "mgpu":
+        raise ValueError(
+            f"moe.ragged_matmul='mgpu' cannot run here: {reason}; use 'auto' or 'xla'."
+        )
+    return "xla"
 
 
 def einsum_dispatch(
@@ -186,7 +193,7 @@ def dropless_dispatch(
     """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul."""
     g, t, m = x_gtm.shape
     e, k = experts.num_experts, expert_index_gtk.shape[-1]
-    matmul = resolve_ragged_matmul(matmul)
+    matmul = resolve_ragged_matmul(matmul, experts)
     x_nm = x_gtm.reshape(g * t, m)
     e_p = expert_index_gtk.reshape(-1)
     order_p = jnp.argsort(e_p, stable=True)

@@ -442,3 +442,18 @@ def test_dropless_never_drops_with_small_capacity():
     (_, (_, st_d)), _ = loss_fn(cfg_d, True, x, cot)(params)
     assert float(st_e["dropped_fraction"]) > 0.0
     assert float(st_d["dropped_fraction"]) == 0.0
+
+
+def test_grouped_matmul_choice_falls_back_to_xla_where_the_kernel_cannot_run():
+    """'auto' picks XLA on CPU (and for float32 or odd widths); 'mgpu' explains why not."""
+    import jax.numpy as jnp
+
+    experts = dispatch.Experts(
+        wi_0=jnp.zeros((4, 16, 32)), wi_1=None, wo=jnp.zeros((4, 32, 16)), activation="gelu"
+    )
+    assert dispatch.resolve_ragged_matmul("auto", experts) == "xla"
+    assert dispatch.resolve_ragged_matmul("xla", experts) == "xla"
+    with pytest.raises(ValueError, match="moe.ragged_matmul='mgpu' cannot run here"):
+        dispatch.resolve_ragged_matmul("mgpu", experts)
+    with pytest.raises(ValueError, match="'cublas' is not valid"):
+        dispatch.resolve_ragged_matmul("cublas", experts)

@@ -74,3 +74,20 @@ def test_grouped_matmul_kernel_matches_ragged_dot_with_gradients():
     for a, b in ((gx, gx_ref), (gw, gw_ref)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.max(np.abs(a - b)) <= 0.02 * np.max(np.abs(b)) + 0.1
+
+
+def test_auto_grouped_matmul_uses_the_kernel_only_where_it_fits():
+    from glam_jax import dispatch
+    from glam_jax.kernels import grouped_matmul as gmm
+
+    if not gmm.available():
+        pytest.skip("needs a Hopper (sm_90+) GPU for the Mosaic-GPU kernels")
+
+    def experts(dtype, m, h):
+        return dispatch.Experts(
+            wi_0=jnp.zeros((4, m, h), dtype), wi_1=None, wo=jnp.zeros((4, h, m), dtype)
+        )
+
+    assert dispatch.resolve_ragged_matmul("auto", experts(jnp.bfloat16, 256, 512)) == "mgpu"
+    assert dispatch.resolve_ragged_matmul("auto", experts(jnp.float32, 256, 512)) == "xla"
+    assert dispatch.resolve_ragged_matmul("auto", experts(jnp.bfloat16, 32, 64)) == "xla"

@@ -26,20 +26,33 @@ WEIGHT_GRAD_TILES = dict(
 )
 
 
-def available() -> bool:
-    """True on a Hopper-class (sm_90+) NVIDIA GPU with jax's Mosaic-GPU kernels importable."""
+def unsupported_reason(w_emh: jax.Array | None = None) -> str | None:
+    """None where the kernels can run (on weights w [G, M, H] if given), else why not."""
     try:
         device = jax.devices()[0]
         if device.platform != "gpu":
-            return False
+            return f"the backend is {device.platform}, not a GPU"
         major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
         from jax.experimental.pallas.ops.gpu import (  # noqa: F401
             ragged_dot_mgpu,
             transposed_ragged_dot_mgpu,
         )
-    except Exception:  # noqa: BLE001 - any import/device problem means: not available
-        return False
-    return major >= 9
+    except Exception as err:  # noqa: BLE001 - any import/device problem means: not available
+        return f"jax's Mosaic-GPU kernels are unavailable ({type(err).__name__})"
+    if major < 9:
+        return f"the GPU is sm_{major}x, the kernels need Hopper (sm_90) or newer"
+    if w_emh is not None:
+        if w_emh.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"the expert weights are {w_emh.dtype}, the kernels take bfloat16/float16"
+        tile = max(FORWARD_TILES["block_n"], WEIGHT_GRAD_TILES["block_m"])
+        if any(d % tile for d in w_emh.shape[1:]):
+            return f"expert widths {tuple(w_emh.shape[1:])} are not multiples of {tile}"
+    return None
+
+
+def available() -> bool:
+    """True on a Hopper-class (sm_90+) NVIDIA GPU with jax's Mosaic-GPU kernels importable."""
+    return unsupported_reason() is None
 
 
 def _ragged(x, w, group_sizes, transpose_rhs=False):

@@ -119,7 +119,7 @@ class MoE(nn.Module):
                     r.combine_weights,
                     mask_gtk,
                     experts,
-                    moe.get("ragged_matmul", "xla"),
+                    moe.ragged_matmul,
                 )
                 kept_gtk = mask_gtk
             else:
@@ -188,7 +188,7 @@ class MoE(nn.Module):
                 self,
                 "router_noise",
                 nn.initializers.zeros,
-                w_shape(xr_gtm, logits_gte),
+                (xr_gtm.shape[-1], logits_gte.shape[-1]),
                 jnp.float32,
                 ("embed", None),
             )
@@ -197,8 +197,3 @@ class MoE(nn.Module):
                 noise_std = jnp.zeros_like(noise_std)
             return routing.noisy_topk(logits_gte, noise_std, k, rng=rng, train=self.train)
         raise MoEError(f"moe.router={moe.router!r} is not valid; valid: {routing.ROUTERS}.")
-
-
-def w_shape(x_gtm: jax.Array, logits_gte: jax.Array) -> tuple[int, int]:
-    """[M, E] shape of a router-like projection."""
-    return (x_gtm.shape[-1], logits_gte.shape[-1])

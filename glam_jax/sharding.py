@@ -151,13 +151,3 @@ def logical_axis_size(name: str) -> int:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch axis is split (data x expert)."""
     return mesh.shape["data"] * mesh.shape["expert"]
-
-
-def expert_parallel_size(mesh: Mesh) -> int:
-    """How many ways expert weights are split by expert index."""
-    return mesh.shape["expert"]
-
-
-def model_parallel_size(mesh: Mesh) -> int:
-    """How many ways hidden widths / heads / vocab are split."""
-    return mesh.shape["model"]

@@ -2,7 +2,8 @@
 
 8 layers = 4 scanned (dense, MoE) blocks, M=2048, 16x128 heads, H=8192 gated GELU, vocab
 32768, 8 experts top-2, B=8 x S=2048: the reference model of reference/moe.md section 6.
-Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, ...
+Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, `:moe+mesh=1x4x1+batch=32`
+(expert parallelism over 4 GPUs, 8 rows per GPU), `:moe+experts=64+layers=4`, ...
 """
 
 import ml_collections
@@ -12,7 +13,15 @@ from configs import glam
 
 def parse_variant(arg: str | None) -> dict:
     """'moe' (default), 'dense', 'moe+dispatch=sort', 'dense+batch=16', ..."""
-    variant = {"kind": "moe", "dispatch": "einsum", "batch": 8, "remat": "block"}
+    variant = {
+        "kind": "moe",
+        "dispatch": "einsum",
+        "batch": 8,
+        "remat": "block",
+        "mesh": (-1, 1, 1),
+        "experts": 8,
+        "layers": 8,
+    }
     for part in (arg or "").split("+"):
         if not part:
             continue
@@ -25,6 +34,10 @@ def parse_variant(arg: str | None) -> dict:
             variant["batch"] = int(value)
         elif key == "remat":
             variant["remat"] = value
+        elif key == "mesh":  # data x expert x model, e.g. 1x4x1
+            variant["mesh"] = tuple(int(v) for v in value.split("x"))
+        elif key in ("experts", "layers"):
+            variant[key] = int(value)
         else:
             raise ValueError(
                 f"unknown bench variant {part!r}; use moe|dense, dispatch=, batch=, remat=."
@@ -36,13 +49,14 @@ def parse_variant(arg: str | None) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = glam.get_config("1_7b")
-    config.model.num_layers = 8
     config.model.vocab_size = 32768
     config.model.max_len = 2048
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     variant = parse_variant(arg)
+    config.model.num_layers = variant["layers"]
+    config.mesh.shape = variant["mesh"]
     config.model.remat_scope = variant["remat"]
-    config.moe.num_experts = 0 if variant["kind"] == "dense" else 8  # ':dense' = the dense twin
+    config.moe.num_experts = 0 if variant["kind"] == "dense" else variant["experts"]
     config.moe.dispatch = variant["dispatch"]
     config.moe.group_size = 1024
     config.train.batch_size = variant["batch"]

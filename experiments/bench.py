@@ -18,7 +18,13 @@ import time
 
 from absl import app, flags
 
-from experiments.bench_utils import load_config, random_train_step, time_fn, trace_kernels
+from experiments.bench_utils import (
+    collective_counts,
+    load_config,
+    random_train_step,
+    time_fn,
+    trace_kernels,
+)
 from glam_jax import gpu_defaults
 
 _WHAT = flags.DEFINE_list("what", ["moe", "attention", "step", "compile"], "Benchmarks to run.")
@@ -258,7 +264,7 @@ def bench_step() -> list[dict]:
     rows = []
     for spec in _STEP_CONFIGS.value:
         config = load_config(spec)
-        _, state, train_step, batch = random_train_step(config)
+        mesh, state, train_step, batch = random_train_step(config)
         b, s = config.train.batch_size, config.train.seq_len
         start = time.perf_counter()
         state, _ = train_step(state, batch)
@@ -271,9 +277,10 @@ def bench_step() -> list[dict]:
             jax.block_until_ready(state)
             times.append(time.perf_counter() - start)
         sec = statistics.median(times)
+        collectives = collective_counts(train_step.lower(state, batch).compile().as_text())
         counts = flops.count(config)
         tokens_s = b * s / sec
-        mfu = tokens_s * counts.flops_per_token / (_PEAK.value * 1e12 * jax.device_count())
+        mfu = tokens_s * counts.flops_per_token / (_PEAK.value * 1e12 * mesh.size)
         row = dict(
             bench="train_step",
             config=spec,
@@ -281,13 +288,19 @@ def bench_step() -> list[dict]:
             tokens_per_s=tokens_s,
             mfu=mfu,
             first_step_s=compile_s,
-            devices=jax.device_count(),
+            devices=mesh.size,
             batch=b,
             seq_len=s,
             flops_per_token=counts.flops_per_token,
             loss=float(metrics["loss"]),
+            mesh=dict(mesh.shape),
+            collectives=collectives,
         )
-        print(f"  {spec:40s} {sec * 1e3:8.1f} ms  {tokens_s:9.0f} tok/s  MFU {mfu:.1%}", flush=True)
+        print(
+            f"  {spec:40s} {sec * 1e3:8.1f} ms  {tokens_s:9.0f} tok/s  MFU {mfu:.1%}  "
+            f"{collectives}",
+            flush=True,
+        )
         rows.append(row)
         del state
     return rows

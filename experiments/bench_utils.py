@@ -66,7 +66,7 @@ def random_train_step(config):
 
 
 def kernel_table(trace_path: str, steps: int) -> list[dict]:
-    """[{name, ms_per_step, count_per_step}] of device events, largest first."""
+    """[{name, ms_per_step, count_per_step}] of device events per device, largest first."""
     with gzip.open(trace_path, "rt") as f:
         trace = json.load(f)
     pids = {
@@ -82,8 +82,13 @@ def kernel_table(trace_path: str, steps: int) -> list[dict]:
         if e.get("ph") == "X" and e.get("pid") in pids:
             total[e["name"]] += e.get("dur", 0)
             count[e["name"]] += 1
+    devices = max(len(pids), 1)  # several GPUs: report the per-device average
     return [
-        {"name": n, "ms_per_step": us / 1e3 / steps, "count_per_step": count[n] / steps}
+        {
+            "name": n,
+            "ms_per_step": us / 1e3 / steps / devices,
+            "count_per_step": count[n] / steps / devices,
+        }
         for n, us in total.most_common()
     ]
 
@@ -100,3 +105,15 @@ def trace_kernels(fn, steps: int) -> list[dict]:
         jax.block_until_ready(out)
     path = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)[0]
     return kernel_table(path, steps)
+
+
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+
+
+def collective_counts(hlo_text: str) -> dict[str, int]:
+    """How many of each collective a compiled HLO module holds (async start ops counted once)."""
+    counts = {}
+    for name in COLLECTIVES:
+        starts = hlo_text.count(f" {name}-start(")
+        counts[name] = starts if starts else hlo_text.count(f" {name}(")
+    return counts

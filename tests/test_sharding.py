@@ -104,3 +104,32 @@ def test_mesh_shape_resolution_and_errors():
         sharding.mesh_shape((-1, 3, 1), 8)
     with pytest.raises(sharding.ShardingError, match="uses 4 devices"):
         sharding.mesh_shape((2, 2, 1), 8)
+
+
+def _collectives(mesh_shape):
+    from experiments.bench_utils import collective_counts
+
+    config = tiny_config()
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:8])
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    abstract, shardings = steps.abstract_state(config, model, tx, mesh)
+    shape = (config.train.batch_size, config.train.seq_len)
+    batch = {
+        key: jax.ShapeDtypeStruct(
+            shape,
+            "float32" if key == "weights" else "int32",
+            sharding=sharding.batch_sharding(mesh),
+        )
+        for key in steps.BATCH_KEYS
+    }
+    train_step = steps.make_train_step(config, model, tx, mesh, shardings)
+    return collective_counts(train_step.lower(abstract, batch).compile().as_text())
+
+
+def test_expert_parallel_step_moves_tokens_with_all_to_all():
+    """GShard dispatch: tokens reach expert shards through all-to-all, not all-gathers."""
+    data_parallel = _collectives((8, 1, 1))
+    expert_parallel = _collectives((2, 4, 1))
+    assert data_parallel["all-to-all"] == 0
+    assert expert_parallel["all-to-all"] >= 4  # dispatch + combine, forward and backward

@@ -92,19 +92,18 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, step: int | None = None, max_batches: int = 0
 ) -> dict[str, float]:
     """Restores checkpoint `step` (default newest) of `workdir` and evaluates it."""
+    from glam_jax import pretrained
+
     mesh_shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
     config_checks.check_run(config, mesh_shape)
     mesh = sharding.make_mesh(mesh_shape)
     data = create_datasets(config, cache_dir=config.data.cache_dir or os.path.join(workdir, "data"))
+    params, restored_step = pretrained.params_from_workdir(config, workdir, mesh, step)
     model = steps.build_model(config)
-    tx = optim.make_optimizer(config.train)
-    ckpt = checkpoint.Checkpointer(workdir, config, is_primary=False)
-    abstract, shardings = steps.abstract_state(config, model, tx, mesh)
-    state, _ = ckpt.restore(abstract, step)
-    eval_step = steps.make_eval_step(config, model, mesh, shardings.params)
-    result = {"step": int(state.step)}
-    result.update(evaluate(eval_step, state.params, data, mesh, max_batches))
-    ckpt.close()
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    eval_step = steps.make_eval_step(config, model, mesh, param_shardings)
+    result = {"step": restored_step}
+    result.update(evaluate(eval_step, params, data, mesh, max_batches))
     return result
 
 

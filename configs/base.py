@@ -66,6 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.router_jitter = 0.0  # Switch multiplicative jitter eps on the router input (train only)
     e.noisy_gating = True  # noisy_topk: learned noise on the logits in training
     e.expert_dropout = 0.0  # dropout inside experts (Switch fine-tuning uses 0.4)
+    e.expert_exchange = "gspmd"  # 'gspmd' (XLA picks collectives) or 'all_to_all' (explicit)
     e.ragged_matmul = "auto"  # dropless grouped matmul: 'auto', 'xla' (lax.ragged_dot), 'mgpu'
     e.decode_dispatch = "dropless"  # MoE dispatch when decoding, never dropping: 'dropless',
     # or 'einsum' / 'sort' with capacity = every token of the group (glam_jax/decode.py)

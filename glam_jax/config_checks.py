@@ -109,6 +109,15 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         f"{moe.num_selected} and {moe.num_experts}.",
     )
     _need(moe.group_size >= 1, f"moe.group_size={moe.group_size} must be >= 1.")
+    _need(
+        moe.expert_exchange in dispatch.EXCHANGES,
+        f"moe.expert_exchange={moe.expert_exchange!r} is not valid; valid: {dispatch.EXCHANGES}.",
+    )
+    _need(
+        not (moe.expert_exchange == "all_to_all" and moe.dispatch == "dropless"),
+        "moe.expert_exchange='all_to_all' exchanges fixed-capacity buffers, so it needs "
+        "moe.dispatch='einsum' or 'sort', not 'dropless'.",
+    )
 
 
 def check_run(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int]) -> None:

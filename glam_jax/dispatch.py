@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from glam_jax import sharding
 from glam_jax.layers import activation_fn, constrain
 
 DISPATCHES = ("einsum", "sort", "dropless")
@@ -86,18 +87,20 @@ class Experts:
     wo: jax.Array  # [E, H, M]
     activation: str = struct.field(pytree_node=False, default="gelu")
     hidden_fn: Callable | None = struct.field(pytree_node=False, default=None)  # expert dropout
+    exchange: str = struct.field(pytree_node=False, default="gspmd")  # see EXCHANGES
 
     @property
     def num_experts(self) -> int:
         return self.wi_0.shape[0]
 
-    def batched(self, x_egcm: jax.Array) -> jax.Array:
+    def batched(self, x_egcm: jax.Array, constrain_hidden: bool = True) -> jax.Array:
         """Expert e applied to its buffer x[e]: [E, G, C, M] -> [E, G, C, M]."""
         act = activation_fn(self.activation)
         h_egch = act(jnp.einsum("egcm,emh->egch", x_egcm, self.wi_0))
         if self.wi_1 is not None:
             h_egch = h_egch * jnp.einsum("egcm,emh->egch", x_egcm, self.wi_1)
-        h_egch = constrain(h_egch, ("expert", "expert_group", "capacity", "mlp"))
+        if constrain_hidden:  # (not inside shard_map, where values are per-device)
+            h_egch = constrain(h_egch, ("expert", "expert_group", "capacity", "mlp"))
         if self.hidden_fn is not None:
             h_egch = self.hidden_fn(h_egch)
         return jnp.einsum("egch,ehm->egcm", h_egch, self.wo)
@@ -111,6 +114,28 @@ class Experts:
         if self.hidden_fn is not None:
             h_nh = self.hidden_fn(h_nh)
         return matmul(h_nh, self.wo, group_sizes_e)
+
+
+EGCM = ("expert", "expert_group", "capacity", "embed")
+# How dispatched buffers reach the devices holding their experts (capacity paths):
+# 'gspmd' lets XLA's partitioner choose the collectives from the sharding constraints;
+# 'all_to_all' exchanges them explicitly, GShard style (glam_jax.sharding.expert_all_to_all).
+EXCHANGES = ("gspmd", "all_to_all")
+
+
+def run_experts(x_egcm: jax.Array, experts: Experts) -> jax.Array:
+    """Dispatched buffers [E, G, C, M] through their experts, on whichever devices hold them."""
+    if experts.exchange == "all_to_all":
+        x_egcm = constrain(x_egcm, (None, "group", "capacity", "embed"))
+        return sharding.expert_all_to_all(
+            lambda x, ex: ex.batched(x, constrain_hidden=False), x_egcm, experts
+        )
+    if experts.exchange != "gspmd":
+        raise ValueError(
+            f"moe.expert_exchange={experts.exchange!r} is not valid; valid: {EXCHANGES}."
+        )
+    x_egcm = constrain(x_egcm, EGCM)
+    return constrain(experts.batched(x_egcm), EGCM)
 
 
 def _xla_ragged_dot(x_nm, w_emh, group_sizes_e):
@@ -158,8 +183,7 @@ def einsum_dispatch(
     w_gtk = jnp.where(kept_gtk, weights_gtk, 0.0).astype(dtype)
     combine_gtec = jnp.einsum("gtke,gtkc,gtk->gtec", onehot_gtke, onehot_gtkc, w_gtk)
     x_egcm = jnp.einsum("gtec,gtm->egcm", dispatch_gtec, x_gtm)
-    x_egcm = constrain(x_egcm, ("expert", "expert_group", "capacity", "embed"))
-    y_egcm = constrain(experts.batched(x_egcm), ("expert", "expert_group", "capacity", "embed"))
+    y_egcm = run_experts(x_egcm, experts)
     return jnp.einsum("gtec,egcm->gtm", combine_gtec, y_egcm)
 
 
@@ -178,8 +202,7 @@ def sort_dispatch(
     x_pad = jnp.concatenate([x_gtm, jnp.zeros((g, 1, m), x_gtm.dtype)], axis=1)
     x_gsm = jnp.take_along_axis(x_pad, table_gs[..., None], axis=1)
     x_egcm = jnp.swapaxes(x_gsm.reshape(g, e, capacity, m), 0, 1)
-    x_egcm = constrain(x_egcm, ("expert", "expert_group", "capacity", "embed"))
-    y_egcm = constrain(experts.batched(x_egcm), ("expert", "expert_group", "capacity", "embed"))
+    y_egcm = run_experts(x_egcm, experts)
     y_gsm = jnp.swapaxes(y_egcm, 0, 1).reshape(g, trash, m)
     y_pad = jnp.concatenate([y_gsm, jnp.zeros((g, 1, m), y_gsm.dtype)], axis=1)
     y_gtkm = jnp.take_along_axis(y_pad, slot_gtk.reshape(g, t * k, 1), axis=1).reshape(g, t, k, m)
@@ -210,11 +233,7 @@ def expert_choice_einsum(x_gtm, token_gec, weights_gec, experts: Experts):
     """Expert choice with one-hot [G, E, C, T] dispatch/combine tensors."""
     t, dtype = x_gtm.shape[1], x_gtm.dtype
     onehot_gect = jax.nn.one_hot(token_gec, t, dtype=dtype)
-    x_egcm = constrain(
-        jnp.einsum("gect,gtm->egcm", onehot_gect, x_gtm),
-        ("expert", "expert_group", "capacity", "embed"),
-    )
-    y_egcm = constrain(experts.batched(x_egcm), ("expert", "expert_group", "capacity", "embed"))
+    y_egcm = run_experts(jnp.einsum("gect,gtm->egcm", onehot_gect, x_gtm), experts)
     return jnp.einsum("gect,gec,egcm->gtm", onehot_gect, weights_gec.astype(dtype), y_egcm)
 
 
@@ -223,11 +242,7 @@ def expert_choice_sort(x_gtm, token_gec, weights_gec, experts: Experts):
     g, t, m = x_gtm.shape
     _, e, c = token_gec.shape
     x_gsm = jnp.take_along_axis(x_gtm, token_gec.reshape(g, e * c, 1), axis=1)
-    x_egcm = constrain(
-        jnp.swapaxes(x_gsm.reshape(g, e, c, m), 0, 1),
-        ("expert", "expert_group", "capacity", "embed"),
-    )
-    y_egcm = constrain(experts.batched(x_egcm), ("expert", "expert_group", "capacity", "embed"))
+    y_egcm = run_experts(jnp.swapaxes(x_gsm.reshape(g, e, c, m), 0, 1), experts)
     y_gsm = jnp.swapaxes(y_egcm, 0, 1).reshape(g, e * c, m)
     y_gsm = y_gsm * weights_gec.reshape(g, e * c, 1).astype(y_gsm.dtype)
     return jax.vmap(lambda idx, y: jnp.zeros((t, m), y.dtype).at[idx].add(y))(

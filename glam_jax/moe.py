@@ -91,6 +91,7 @@ class MoE(nn.Module):
             wo=wo.astype(dtype),
             activation=mc.ffn_activation,
             hidden_fn=self._expert_dropout(),
+            exchange=moe.expert_exchange,
         )
         x_gtm = x_gtm.astype(dtype)
 

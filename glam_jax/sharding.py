@@ -151,3 +151,37 @@ def logical_axis_size(name: str) -> int:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch axis is split (data x expert)."""
     return mesh.shape["data"] * mesh.shape["expert"]
+
+
+def expert_all_to_all(fn, x_egcm: jax.Array, experts):
+    """GShard expert parallelism with explicit all-to-alls around the expert computation.
+
+    x_egcm [E, G, C, M] arrives with its routing groups G split like the batch. Each device
+    sends the buffers of expert shard j to the devices of shard j (all-to-all over the mesh
+    axis of `expert`), runs its local experts on [E/n, G*n/.., C, M], sums partial products over
+    the axis of `mlp` when experts are tensor-parallel, and sends the results back.
+    `experts` is a dispatch.Experts whose weights are split as LOGICAL_RULES says.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    expert_axis = nn.logical_to_mesh_axes(("expert",), LOGICAL_RULES)[0]
+    if mesh.empty or mesh.shape[expert_axis] == 1:
+        return fn(x_egcm, experts)
+    mlp_axis = nn.logical_to_mesh_axes(("mlp",), LOGICAL_RULES)[0]
+    groups = logical_to_spec((None, "group", None, None))
+    w_in = logical_to_spec(("expert", "embed", "mlp"))
+    specs = experts.replace(
+        wi_0=w_in,
+        wi_1=None if experts.wi_1 is None else w_in,
+        wo=logical_to_spec(("expert", "mlp", "embed")),
+    )
+
+    def body(x_local, experts_local):
+        x_local = jax.lax.all_to_all(x_local, expert_axis, 0, 1, tiled=True)
+        y_local = fn(x_local, experts_local)
+        if mlp_axis is not None:  # partial sums over the hidden width (a no-op at size 1)
+            y_local = jax.lax.psum(y_local, mlp_axis)
+        return jax.lax.all_to_all(y_local, expert_axis, 1, 0, tiled=True)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(groups, specs), out_specs=groups)(
+        x_egcm, experts
+    )

@@ -106,10 +106,10 @@ def test_mesh_shape_resolution_and_errors():
         sharding.mesh_shape((2, 2, 1), 8)
 
 
-def _collectives(mesh_shape):
+def _collectives(mesh_shape, **moe):
     from experiments.bench_utils import collective_counts
 
-    config = tiny_config()
+    config = tiny_config(**moe)
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:8])
     model = steps.build_model(config)
     tx = optim.make_optimizer(config.train)
@@ -133,3 +133,28 @@ def test_expert_parallel_step_moves_tokens_with_all_to_all():
     expert_parallel = _collectives((2, 4, 1))
     assert data_parallel["all-to-all"] == 0
     assert expert_parallel["all-to-all"] >= 4  # dispatch + combine, forward and backward
+
+
+@pytest.mark.parametrize("mesh_shape, dispatch", [((2, 4, 1), "einsum"), ((1, 4, 2), "sort")])
+def test_explicit_all_to_all_exchange_equals_the_partitioner(mesh_shape, dispatch):
+    """moe.expert_exchange='all_to_all' (shard_map) gives the same step, with 4 all-to-alls."""
+    from tests.helpers import random_batch
+
+    def one_step(exchange):
+        config = tiny_config(expert_exchange=exchange, dispatch=dispatch)
+        mesh = sharding.make_mesh(mesh_shape, jax.devices()[:8])
+        model = steps.build_model(config)
+        tx = optim.make_optimizer(config.train)
+        state, shardings = steps.create_train_state(config, model, tx, mesh)
+        train_step = steps.make_train_step(config, model, tx, mesh, shardings)
+        state, metrics = train_step(state, steps.global_batch(random_batch(config), mesh))
+        return jax.device_get((metrics["loss"], state.params))
+
+    loss_gspmd, params_gspmd = one_step("gspmd")
+    loss_a2a, params_a2a = one_step("all_to_all")
+    assert abs(float(loss_gspmd) - float(loss_a2a)) < 1e-6
+    for a, b in zip(jax.tree.leaves(params_gspmd), jax.tree.leaves(params_a2a), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    counts = _collectives(mesh_shape, expert_exchange="all_to_all", dispatch=dispatch)
+    assert counts["all-to-all"] == 4  # dispatch and combine, forward and backward
+    assert counts["all-gather"] == 0

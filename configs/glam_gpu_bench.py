@@ -38,6 +38,8 @@ def parse_variant(arg: str | None) -> dict:
             variant["mesh"] = tuple(int(v) for v in value.split("x"))
         elif key in ("experts", "layers"):
             variant[key] = int(value)
+        elif key == "exchange":
+            variant["exchange"] = value
         else:
             raise ValueError(
                 f"unknown bench variant {part!r}; use moe|dense, dispatch=, batch=, remat=."
@@ -58,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.remat_scope = variant["remat"]
     config.moe.num_experts = 0 if variant["kind"] == "dense" else variant["experts"]
     config.moe.dispatch = variant["dispatch"]
+    config.moe.expert_exchange = variant["exchange"]
     config.moe.group_size = 1024
     config.train.batch_size = variant["batch"]
     config.train.eval_batch_size = variant["batch"]

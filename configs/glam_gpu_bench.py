@@ -21,6 +21,7 @@ def parse_variant(arg: str | None) -> dict:
         "mesh": (-1, 1, 1),
         "experts": 8,
         "layers": 8,
+        "exchange": "gspmd",
     }
     for part in (arg or "").split("+"):
         if not part:

@@ -16,7 +16,6 @@ from flax import struct
 from jax.scipy.stats import norm
 
 ROUTERS = ("gshard_top2", "switch_top1", "topk_softmax", "noisy_topk", "expert_choice")
-TOKEN_CHOICE_ROUTERS = ("gshard_top2", "switch_top1", "topk_softmax", "noisy_topk")
 # Routers whose k is fixed by the algorithm.
 FIXED_K = {"gshard_top2": 2, "switch_top1": 1}
 

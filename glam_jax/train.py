@@ -36,8 +36,11 @@ def say(message: str, bar=None) -> None:
     logging.info(message)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str):
-    """Checks the config, builds mesh, data, model, optimizer and (restored) state."""
+def mesh_and_data(config: ml_collections.ConfigDict, workdir: str):
+    """Checks the config against the devices, then builds the mesh and the datasets.
+
+    (The tokenizer's size is checked against model.vocab_size by the data layer.)
+    """
     try:
         mesh_shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
     except sharding.ShardingError as err:
@@ -45,12 +48,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
     config_checks.check_run(config, mesh_shape)
     mesh = sharding.make_mesh(mesh_shape)
     data = create_datasets(config, cache_dir=config.data.cache_dir or os.path.join(workdir, "data"))
-    vocab = data.tokenizer.vocab_size()
-    if vocab > config.model.vocab_size:
-        raise config_checks.ConfigError(
-            f"the tokenizer has {vocab} pieces but model.vocab_size={config.model.vocab_size}; "
-            "set model.vocab_size to at least the tokenizer's size."
-        )
+    return mesh, data
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str):
+    """Checks the config, builds mesh, data, model, optimizer and (restored) state."""
+    mesh, data = mesh_and_data(config, workdir)
     model = steps.build_model(config)
     tx = optim.make_optimizer(config.train)
     ckpt = checkpoint.Checkpointer(workdir, config, is_primary=jax.process_index() == 0)
@@ -94,10 +97,7 @@ def evaluate_checkpoint(
     """Restores checkpoint `step` (default newest) of `workdir` and evaluates it."""
     from glam_jax import pretrained
 
-    mesh_shape = sharding.mesh_shape(config.mesh.shape, jax.device_count())
-    config_checks.check_run(config, mesh_shape)
-    mesh = sharding.make_mesh(mesh_shape)
-    data = create_datasets(config, cache_dir=config.data.cache_dir or os.path.join(workdir, "data"))
+    mesh, data = mesh_and_data(config, workdir)
     params, restored_step = pretrained.params_from_workdir(config, workdir, mesh, step)
     model = steps.build_model(config)
     param_shardings = jax.tree.map(lambda p: p.sharding, params)

@@ -3,7 +3,8 @@
 8 layers = 4 scanned (dense, MoE) blocks, M=2048, 16x128 heads, H=8192 gated GELU, vocab
 32768, 8 experts top-2, B=8 x S=2048: the reference model of reference/moe.md section 6.
 Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, `:moe+mesh=1x4x1+batch=32`
-(expert parallelism over 4 GPUs, 8 rows per GPU), `:moe+experts=64+layers=4`, ...
+(expert parallelism over 4 GPUs, 8 rows per GPU), `:moe+experts=64+layers=4`,
+`:dense+docmask` (segment mask given to attention), ...
 """
 
 import ml_collections
@@ -18,16 +19,20 @@ def parse_variant(arg: str | None) -> dict:
         "dispatch": "einsum",
         "batch": 8,
         "remat": "block",
+        "policy": "dots_with_no_batch_dims_saveable",
         "mesh": (-1, 1, 1),
         "experts": 8,
         "layers": 8,
         "exchange": "gspmd",
+        "docmask": False,
     }
     for part in (arg or "").split("+"):
         if not part:
             continue
         key, _, value = part.partition("=")
-        if not value:
+        if key == "docmask" and not value:
+            variant["docmask"] = True
+        elif not value:
             variant["kind"] = key
         elif key == "dispatch":
             variant["dispatch"] = value
@@ -35,6 +40,8 @@ def parse_variant(arg: str | None) -> dict:
             variant["batch"] = int(value)
         elif key == "remat":
             variant["remat"] = value
+        elif key == "policy":  # a model.REMAT_POLICIES name
+            variant["policy"] = value
         elif key == "mesh":  # data x expert x model, e.g. 1x4x1
             variant["mesh"] = tuple(int(v) for v in value.split("x"))
         elif key in ("experts", "layers"):
@@ -43,7 +50,8 @@ def parse_variant(arg: str | None) -> dict:
             variant["exchange"] = value
         else:
             raise ValueError(
-                f"unknown bench variant {part!r}; use moe|dense, dispatch=, batch=, remat=."
+                f"unknown bench variant {part!r}; use moe|dense, docmask, dispatch=, batch=, "
+                "remat=, policy=, mesh=, experts=, layers=, exchange=."
             )
     if variant["kind"] not in ("moe", "dense"):
         raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
@@ -54,11 +62,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = glam.get_config("1_7b")
     config.model.vocab_size = 32768
     config.model.max_len = 2048
-    config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     variant = parse_variant(arg)
+    # Benchmark rows hold one document each, so the document mask would change nothing; with it
+    # cuDNN gets a dense [B, H, S, S] mask-plus-bias (variant `docmask` measures that cost).
+    config.model.document_mask = variant["docmask"]
     config.model.num_layers = variant["layers"]
     config.mesh.shape = variant["mesh"]
     config.model.remat_scope = variant["remat"]
+    config.model.remat_policy = variant["policy"]
     config.moe.num_experts = 0 if variant["kind"] == "dense" else variant["experts"]
     config.moe.dispatch = variant["dispatch"]
     config.moe.expert_exchange = variant["exchange"]

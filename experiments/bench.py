@@ -277,7 +277,10 @@ def bench_step() -> list[dict]:
             jax.block_until_ready(state)
             times.append(time.perf_counter() - start)
         sec = statistics.median(times)
-        collectives = collective_counts(train_step.lower(state, batch).compile().as_text())
+        compiled = train_step.lower(state, batch).compile()
+        collectives = collective_counts(compiled.as_text())
+        memory = compiled.memory_analysis()  # per device; the state is donated to the output
+        peak_gib = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2**30
         counts = flops.count(config)
         tokens_s = b * s / sec
         mfu = tokens_s * counts.flops_per_token / (_PEAK.value * 1e12 * mesh.size)
@@ -295,10 +298,11 @@ def bench_step() -> list[dict]:
             loss=float(metrics["loss"]),
             mesh=dict(mesh.shape),
             collectives=collectives,
+            device_memory_gib=peak_gib,
         )
         print(
             f"  {spec:40s} {sec * 1e3:8.1f} ms  {tokens_s:9.0f} tok/s  MFU {mfu:.1%}  "
-            f"{collectives}",
+            f"{peak_gib:5.1f} GiB  {collectives}",
             flush=True,
         )
         rows.append(row)

@@ -7,6 +7,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -65,8 +66,12 @@ def random_train_step(config):
     return mesh, state, train_step, steps.global_batch(batch, mesh)
 
 
-def kernel_table(trace_path: str, steps: int) -> list[dict]:
-    """[{name, ms_per_step, count_per_step}] of device events per device, largest first."""
+def kernel_table(trace_path: str, steps: int, key: str = "name") -> list[dict]:
+    """[{name, ms_per_step, count_per_step}] of device events per device, largest first.
+
+    key='name' groups by kernel name; key='hlo_op' by the HLO instruction that launched the
+    kernel (XLA tags each GPU event with it), to look up in the compiled module.
+    """
     with gzip.open(trace_path, "rt") as f:
         trace = json.load(f)
     pids = {
@@ -80,8 +85,9 @@ def kernel_table(trace_path: str, steps: int) -> list[dict]:
     count = collections.Counter()
     for e in trace["traceEvents"]:
         if e.get("ph") == "X" and e.get("pid") in pids:
-            total[e["name"]] += e.get("dur", 0)
-            count[e["name"]] += 1
+            group = e["name"] if key == "name" else e.get("args", {}).get(key, e["name"])
+            total[group] += e.get("dur", 0)
+            count[group] += 1
     devices = max(len(pids), 1)  # several GPUs: report the per-device average
     return [
         {
@@ -93,8 +99,8 @@ def kernel_table(trace_path: str, steps: int) -> list[dict]:
     ]
 
 
-def trace_kernels(fn, steps: int) -> list[dict]:
-    """Runs fn() `steps` times under jax.profiler and returns kernel_table of the trace."""
+def trace(fn, steps: int) -> str:
+    """Runs fn() `steps` times under jax.profiler; returns the Perfetto trace file."""
     import jax
 
     jax.block_until_ready(fn())
@@ -103,8 +109,20 @@ def trace_kernels(fn, steps: int) -> list[dict]:
         for _ in range(steps):
             out = fn()
         jax.block_until_ready(out)
-    path = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)[0]
-    return kernel_table(path, steps)
+    return glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)[0]
+
+
+def trace_kernels(fn, steps: int) -> list[dict]:
+    """kernel_table (by kernel name) of `steps` traced calls of fn()."""
+    return kernel_table(trace(fn, steps), steps)
+
+
+_HLO_OP = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]+)"', re.MULTILINE)
+
+
+def hlo_op_sources(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the JAX op path that produced it (its op_name metadata)."""
+    return {m.group(1): m.group(2) for m in _HLO_OP.finditer(hlo_text)}
 
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")

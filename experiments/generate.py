@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from glam_jax import config_checks, decode, hf_checkpoint, pretrained, sharding
+from glam_jax import config_checks, decode, gpu_defaults, hf_checkpoint, pretrained, sharding
 from glam_jax.errors import GlamError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -188,4 +188,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
     app.run(main)

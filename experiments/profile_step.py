@@ -25,7 +25,13 @@ def main(argv) -> None:
     del argv
     import jax
 
-    from experiments.bench_utils import load_config, random_train_step, trace_kernels
+    from experiments.bench_utils import (
+        hlo_op_sources,
+        kernel_table,
+        load_config,
+        random_train_step,
+        trace,
+    )
 
     config = load_config(_CONFIG.value)
     _, state, train_step, batch = random_train_step(config)
@@ -38,16 +44,29 @@ def main(argv) -> None:
         current["state"], _ = train_step(current["state"], batch)
         return current["state"]
 
-    rows = trace_kernels(one_step, _STEPS.value)
+    path = trace(one_step, _STEPS.value)
+    rows = kernel_table(path, _STEPS.value)
     step_ms = sum(r["ms_per_step"] for r in rows)
     print(f"{_CONFIG.value}: {step_ms:.1f} ms of kernels per step")
     for r in rows[: _TOP.value]:
         share = r["ms_per_step"] / step_ms
         calls = r["count_per_step"]
         print(f"{r['ms_per_step']:8.2f} ms {share:6.1%} x{calls:5.0f}  {r['name'][:110]}")
+    # The same time by HLO instruction, with the JAX op each one came from.
+    sources = hlo_op_sources(train_step.lower(state, batch).compile().as_text())
+    by_op = kernel_table(path, _STEPS.value, key="hlo_op")
+    for r in by_op:
+        r["source"] = sources.get(r["name"], "")
+    print("by HLO instruction:")
+    for r in by_op[: _TOP.value]:
+        print(
+            f"{r['ms_per_step']:8.2f} ms x{r['count_per_step']:4.0f}  {r['name'][:40]:40s} "
+            f"{r['source'][-110:]}"
+        )
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w") as f:
-            json.dump({"config": _CONFIG.value, "kernel_ms_per_step": step_ms, "rows": rows}, f)
+            out = {"config": _CONFIG.value, "kernel_ms_per_step": step_ms, "rows": rows}
+            json.dump(dict(out, by_hlo_op=by_op), f)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ python experiments/train.py --config=configs/glam.py:size=1_7b --workdir=... \
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from glam_jax import train
+from glam_jax import gpu_defaults, train
 from glam_jax.errors import GlamError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (optionally :variant).")
@@ -28,4 +28,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
     app.run(main)

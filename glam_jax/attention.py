@@ -61,6 +61,28 @@ def offset_buckets(
     return (ret + np.where(is_small, n, large)).astype(np.int32)
 
 
+def relative_bias(table_hb: jax.Array, length: int, max_distance: int) -> jax.Array:
+    """[heads, q, k] bias table[h, bucket(k - q)], built without an S^2 gather.
+
+    The bias depends only on the offset k - q, so it is a Toeplitz matrix: first one value per
+    offset (2S-1 of them, a one-hot matmul: exact, and its gradient a small reduction), then
+    row q is the window [S-1-q, 2S-1-q) of that vector, cut out of a tiled copy by a reshape.
+    The backward pass is then a sum along diagonals, a plain reduction; the [S, S, buckets]
+    one-hot this replaces cost twice the time and its gradient a K=S^2 matmul.
+    """
+    h, buckets = table_hb.shape
+    s = length
+    offsets = np.arange(-(s - 1), s)  # k - q, ascending
+    onehot_ob = jax.nn.one_hot(offset_buckets(offsets, buckets, max_distance), buckets)
+    per_offset_ho = jnp.einsum("ob,hb->ho", onehot_ob.astype(table_hb.dtype), table_hb)
+    if s == 1:
+        return per_offset_ho[:, :, None]
+    # Row q of a [S, 2S-2] view of the tiled vector, read from index S-1, starts at offset
+    # index (S-1 - q) mod (2S-1) = S-1-q: exactly the row of keys 0..S-1 for query q.
+    tiled = jnp.tile(per_offset_ho, (1, s + 1))[:, s - 1 : s - 1 + s * (2 * s - 2)]
+    return tiled.reshape(h, s, 2 * s - 2)[:, :, :s]
+
+
 def rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding (half-split layout, as in Mistral/Llama)."""
     d = x_bthd.shape[-1]
@@ -170,6 +192,7 @@ class Attention(nn.Module):
     sliding_window: int = 0  # 0 = full causal attention
     scale: float = 0.0  # 0 = 1/sqrt(head_dim)
     impl: str = "auto"
+    document_mask: bool = True  # keep attention inside a document of a packed row
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -212,9 +235,9 @@ class Attention(nn.Module):
                 self._cache_variables(b, t, g, d)
             bias_hts = None
             if table_hb is not None:
-                buckets_ts = relative_position_buckets(t, self.rel_buckets, self.rel_max_distance)
-                onehot_tsb = jax.nn.one_hot(buckets_ts, self.rel_buckets, dtype=self.dtype)
-                bias_hts = jnp.einsum("tsb,hb->hts", onehot_tsb, table_hb.astype(self.dtype))
+                bias_hts = relative_bias(table_hb.astype(self.dtype), t, self.rel_max_distance)
+            if not self.document_mask:
+                segment_ids_bt = None  # rows are one document each, or crossing is allowed
             if resolve_impl(self.impl, self.dtype) == "cudnn":
                 out_bthd = cudnn_attention(
                     q_bthd, k_bsgd, v_bsgd, bias_hts, segment_ids_bt, scale, self.sliding_window

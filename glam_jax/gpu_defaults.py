@@ -15,6 +15,10 @@ XLA_GPU_FLAGS = {
     "--xla_gpu_enable_latency_hiding_scheduler": "true",  # overlap collectives with compute
     "--xla_gpu_enable_triton_gemm": "false",  # cuBLAS GEMMs are faster for these shapes
     "--xla_gpu_enable_command_buffer": "",  # no CUDA graphs: they hurt scan loops
+    # Dynamic-slice fusion writes a GEMM straight into the scan's stacked residual buffer, but
+    # when the product also feeds the next op it *duplicates* the GEMM: every saved projection
+    # ran twice in the forward loop (dense step 157 -> 136 ms with it off, docs/performance.md).
+    "--xla_gpu_enable_dynamic_slice_fusion": "false",
 }
 ENV_DEFAULTS = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # keep collective and compute streams ordered

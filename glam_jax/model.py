@@ -35,6 +35,30 @@ REMAT_POLICIES = {
 LOSS_STATS = ("aux_loss", "z_loss", "importance_loss", "load_loss")
 
 
+# Parameters the model reads only through `.astype(model.dtype)`, each once per layer: matmul
+# weights and the relative-bias table. Casting them once per step, before the layer scan, gives
+# the same numbers (a gradient in the compute dtype converted back, as inside the layer) but
+# converts each weight once instead of in the forward loop and again in the rematerialised
+# backward, and lets the scan stack weight gradients in the compute dtype. Left in float32: the
+# router (routing is float32), norm scales (applied in float32) and the tied embedding (its two
+# gradients are summed in float32).
+COMPUTE_DTYPE_PARAMS = frozenset(
+    {"query", "key", "value", "out", "rel_bias", "wi_0", "wi_1", "wo", "logits"}
+)
+
+
+def cast_for_compute(params: Any, dtype: Any) -> Any:
+    """params with the COMPUTE_DTYPE_PARAMS leaves cast to the compute dtype (see above)."""
+
+    def cast(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if name in COMPUTE_DTYPE_PARAMS and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def frozen(config: ml_collections.ConfigDict | ml_collections.FrozenConfigDict):
     """Modules keep the config as a hashable FrozenConfigDict."""
     if isinstance(config, ml_collections.FrozenConfigDict):
@@ -71,6 +95,7 @@ class DecoderLayer(nn.Module):
             sliding_window=mc.sliding_window,
             scale=mc.attention_scale,
             impl=mc.attention_impl,
+            document_mask=mc.document_mask,
             init_std=mc.init_std,
             dtype=dtype,
             param_dtype=pdtype,

@@ -19,7 +19,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glam_jax import sharding
-from glam_jax.model import Transformer, frozen
+from glam_jax.layers import dtype_of
+from glam_jax.model import Transformer, cast_for_compute, frozen
 from glam_jax.optim import learning_rate_schedule
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights", "target_chars")
@@ -161,8 +162,9 @@ def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool
     if rng is not None:
         r_route, r_drop = jax.random.split(rng)
         rngs = {"routing": r_route, "dropout": r_drop}
+    compute_params = cast_for_compute(params, dtype_of(config.model.dtype))
     logits, stats = model.apply(
-        {"params": params},
+        {"params": compute_params},
         batch["inputs"],
         batch["segment_ids"],
         batch["positions"],

@@ -4,7 +4,12 @@
 32768, 8 experts top-2, B=8 x S=2048: the reference model of reference/moe.md section 6.
 Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, `:moe+mesh=1x4x1+batch=32`
 (expert parallelism over 4 GPUs, 8 rows per GPU), `:moe+experts=64+layers=4`,
-`:dense+docmask` (segment mask given to attention), ...
+`:dense+docmask` (segment mask given to attention), `:moe+policy=none` (a REMAT_POLICIES name),
+`:moe+group=512`, ...
+
+The defaults are the fastest settings measured on an H200 (docs/performance.md): remat policy
+`dots` (every matmul output saved, so neither dense nor expert GEMMs run twice), routing
+groups of 1024 tokens, and the XLA flags of glam_jax/gpu_defaults.py.
 """
 
 import ml_collections
@@ -19,12 +24,13 @@ def parse_variant(arg: str | None) -> dict:
         "dispatch": "einsum",
         "batch": 8,
         "remat": "block",
-        "policy": "dots_with_no_batch_dims_saveable",
+        "policy": "dots",
         "mesh": (-1, 1, 1),
         "experts": 8,
         "layers": 8,
         "exchange": "gspmd",
         "docmask": False,
+        "group": 1024,
     }
     for part in (arg or "").split("+"):
         if not part:
@@ -44,14 +50,14 @@ def parse_variant(arg: str | None) -> dict:
             variant["policy"] = value
         elif key == "mesh":  # data x expert x model, e.g. 1x4x1
             variant["mesh"] = tuple(int(v) for v in value.split("x"))
-        elif key in ("experts", "layers"):
+        elif key in ("experts", "layers", "group"):
             variant[key] = int(value)
         elif key == "exchange":
             variant["exchange"] = value
         else:
             raise ValueError(
                 f"unknown bench variant {part!r}; use moe|dense, docmask, dispatch=, batch=, "
-                "remat=, policy=, mesh=, experts=, layers=, exchange=."
+                "remat=, policy=, mesh=, experts=, layers=, group=, exchange=."
             )
     if variant["kind"] not in ("moe", "dense"):
         raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
@@ -73,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.moe.num_experts = 0 if variant["kind"] == "dense" else variant["experts"]
     config.moe.dispatch = variant["dispatch"]
     config.moe.expert_exchange = variant["exchange"]
-    config.moe.group_size = 1024
+    config.moe.group_size = variant["group"]
     config.train.batch_size = variant["batch"]
     config.train.eval_batch_size = variant["batch"]
     config.train.seq_len = 2048

@@ -2,9 +2,14 @@
 
 Two kernels compute the same function: XLA einsums (everywhere) and cuDNN flash attention
 (`jax.nn.dot_product_attention(implementation='cudnn')`, GPU only), which also returns the
-bias gradient. The bias is built as a one-hot matmul, never as a gather from the bucket
-table: the gather's backward is a scatter-add of S^2 updates into 32 buckets, which made a
-GPU train step >100x slower (reference/moe.md section 6).
+bias gradient. The bias is never a gather of S^2 entries from the bucket table: that
+gather's backward is a scatter-add of S^2 updates into 32 buckets, which made a GPU train step
+>100x slower (reference/moe.md section 6). It is built as a Toeplitz matrix from one value
+per offset instead (`relative_bias`), whose gradient is a sum along diagonals.
+
+cuDNN takes a document (segment) mask only folded into the bias, which makes the bias and
+its gradient per row, [B, H, S, S]; `document_mask=False` skips the mask where rows hold one
+document each (or where attending across documents is wanted).
 
 With `decode=True` the layer keeps a key/value cache in the flax `cache` collection (lm1b/T5X
 style): each call writes its tokens at `cache_index` and attends over every cached slot, so

@@ -41,6 +41,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     m.document_mask = True  # attention stays inside each document of a packed row. False lets
     # it cross documents (Megatron-LM's default) and spares cuDNN a dense [B, H, S, S]
     # mask-plus-bias; results are identical when every row holds one document.
+    m.scan_layers = True  # one nn.scan over the blocks (compiles once whatever the depth);
+    # False unrolls them: no per-layer slicing of stacked weights/residuals, slower compiles
     m.remat_policy = "none"  # scan-body rematerialisation: see glam_jax/model.py REMAT_POLICIES
     m.remat_scope = "block"  # what remat covers: 'block' (the scan body) or 'ffn' (FFN/MoE only)
     m.dropout_rate = 0.0  # dropout on attention/FFN outputs (GLaM pretraining uses 0)

@@ -5,7 +5,7 @@
 Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, `:moe+mesh=1x4x1+batch=32`
 (expert parallelism over 4 GPUs, 8 rows per GPU), `:moe+experts=64+layers=4`,
 `:dense+docmask` (segment mask given to attention), `:moe+policy=none` (a REMAT_POLICIES name),
-`:moe+group=512`, ...
+`:moe+group=512`, `:moe+unrolled` (model.scan_layers=False), ...
 
 The defaults are the fastest settings measured on an H200 (docs/performance.md): remat policy
 `dots` (every matmul output saved, so neither dense nor expert GEMMs run twice), routing
@@ -31,13 +31,14 @@ def parse_variant(arg: str | None) -> dict:
         "exchange": "gspmd",
         "docmask": False,
         "group": 1024,
+        "unrolled": False,
     }
     for part in (arg or "").split("+"):
         if not part:
             continue
         key, _, value = part.partition("=")
-        if key == "docmask" and not value:
-            variant["docmask"] = True
+        if key in ("docmask", "unrolled") and not value:
+            variant[key] = True
         elif not value:
             variant["kind"] = key
         elif key == "dispatch":
@@ -56,8 +57,8 @@ def parse_variant(arg: str | None) -> dict:
             variant["exchange"] = value
         else:
             raise ValueError(
-                f"unknown bench variant {part!r}; use moe|dense, docmask, dispatch=, batch=, "
-                "remat=, policy=, mesh=, experts=, layers=, group=, exchange=."
+                f"unknown bench variant {part!r}; use moe|dense, docmask, unrolled, dispatch=, "
+                "batch=, remat=, policy=, mesh=, experts=, layers=, group=, exchange=."
             )
     if variant["kind"] not in ("moe", "dense"):
         raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
@@ -76,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.shape = variant["mesh"]
     config.model.remat_scope = variant["remat"]
     config.model.remat_policy = variant["policy"]
+    config.model.scan_layers = not variant["unrolled"]
     config.moe.num_experts = 0 if variant["kind"] == "dense" else variant["experts"]
     config.moe.dispatch = variant["dispatch"]
     config.moe.expert_exchange = variant["exchange"]

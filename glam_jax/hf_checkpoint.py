@@ -147,6 +147,7 @@ def check_mixtral(config) -> None:
         "model.tie_embeddings": (m.tie_embeddings, False),
         "moe.every": (e.every, 1),
         "moe.router": (e.router, "topk_softmax"),
+        "model.scan_layers": (m.scan_layers, True),  # the converters read stacked layers
     }
     wrong = [f"{k}={v!r} (needs {w!r})" for k, (v, w) in wanted.items() if v != w]
     if e.num_experts < 1:

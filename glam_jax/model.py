@@ -3,7 +3,9 @@
 The layer stack is ONE `nn.scan` over blocks of `moe.every` layers (GLaM: a dense layer and
 an MoE layer). Parameters of the scanned block carry a leading `layers` axis that is never
 sharded, so device d holds the same experts in every layer and XLA compiles one loop body
-whatever the depth.
+whatever the depth. `model.scan_layers=False` builds the blocks one by one instead (MaxText's
+`scan_layers` switch): same maths and sharding, no slicing of stacked buffers in the step,
+compile time growing with depth.
 
 `decode=True` (generation, glam_jax/decode.py) adds a key/value cache per attention layer in
 the `cache` collection, stacked by the same scan; the training path is unchanged.
@@ -195,17 +197,28 @@ class Transformer(nn.Module):
         if mc.remat_policy != "none" and mc.remat_scope == "block" and not decode:
             block = nn.remat(block, policy=REMAT_POLICIES[mc.remat_policy], prevent_cse=False)
         num_blocks = mc.num_layers // config.moe.every
-        scanned = nn.scan(
-            block,
-            variable_axes={"params": 0, "cache": 0} if decode else {"params": 0},
-            split_rngs={"params": True, "dropout": True, "routing": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=num_blocks,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x_btm, stats = scanned(config, train=train, decode=decode, name="blocks")(
-            x_btm, segment_ids_bt, positions_bt
-        )
+        if mc.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0, "cache": 0} if decode else {"params": 0},
+                split_rngs={"params": True, "dropout": True, "routing": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=num_blocks,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_btm, stats = scanned(config, train=train, decode=decode, name="blocks")(
+                x_btm, segment_ids_bt, positions_bt
+            )
+        else:
+            # One module per block (params blocks_0, blocks_1, ...): no per-iteration slicing
+            # of stacked weights and residuals, at a compile time that grows with depth.
+            per_block = []
+            for i in range(num_blocks):
+                x_btm, block_stats = block(config, train=train, decode=decode, name=f"blocks_{i}")(
+                    x_btm, segment_ids_bt, positions_bt
+                )
+                per_block.append(block_stats)
+            stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_block)  # as the scan stacks
         if last_logits_only:
             x_btm = x_btm[:, -1:]
         x_btm = Norm(mc.norm, mc.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(

@@ -51,16 +51,19 @@ def report(config, mesh_shape) -> dict:
     )[0]
     params = {jax.tree_util.keystr(p, simple=True, separator="/"): str(s) for p, s in flat_specs}
     placement = {}
+    stacked = config.model.scan_layers  # wi_0 is [layers, E, M, H]; unrolled: one [E, M, H] each
     for path, spec in flat_specs:
         key = jax.tree_util.keystr(path, simple=True, separator="/")
         if "/moe/" in key and key.endswith("wi_0"):
             leaf = nn_value(abstract, path)
             shard = jax.sharding.NamedSharding(mesh, spec)
             for device, index in shard.devices_indices_map(leaf.shape).items():
-                layers, experts = index[0], index[1]
-                ids = list(range(leaf.shape[1]))[experts]
-                placement[device.id] = [ids for _ in range(leaf.shape[0])[layers]]
-            break
+                experts = index[1] if stacked else index[0]
+                ids = list(range(leaf.shape[1 if stacked else 0]))[experts]
+                layers = len(range(leaf.shape[0])[index[0]]) if stacked else 1
+                placement.setdefault(device.id, []).extend([ids] * layers)
+            if stacked:
+                break
     return {"mesh": list(mesh_shape), "params": params, "expert_placement": placement}
 
 

@@ -32,6 +32,7 @@ def parse_variant(arg: str | None) -> dict:
         "docmask": False,
         "group": 1024,
         "unrolled": False,
+        "opt": "adamw",
     }
     for part in (arg or "").split("+"):
         if not part:
@@ -55,10 +56,12 @@ def parse_variant(arg: str | None) -> dict:
             variant[key] = int(value)
         elif key == "exchange":
             variant["exchange"] = value
+        elif key == "opt":  # adamw (the stock-JAX reference's) or adafactor (GLaM's)
+            variant["opt"] = value
         else:
             raise ValueError(
                 f"unknown bench variant {part!r}; use moe|dense, docmask, unrolled, dispatch=, "
-                "batch=, remat=, policy=, mesh=, experts=, layers=, group=, exchange=."
+                "batch=, remat=, policy=, mesh=, experts=, layers=, group=, exchange=, opt=."
             )
     if variant["kind"] not in ("moe", "dense"):
         raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
@@ -85,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = variant["batch"]
     config.train.eval_batch_size = variant["batch"]
     config.train.seq_len = 2048
-    config.train.optimizer = "adamw"
+    config.train.optimizer = variant["opt"]
     config.train.learning_rate = 3e-4
     config.train.warmup_steps = 100
     config.train.logits_z_loss_weight = 0.0

@@ -79,13 +79,17 @@ def relative_bias(table_hb: jax.Array, length: int, max_distance: int) -> jax.Ar
     s = length
     offsets = np.arange(-(s - 1), s)  # k - q, ascending
     onehot_ob = jax.nn.one_hot(offset_buckets(offsets, buckets, max_distance), buckets)
-    per_offset_ho = jnp.einsum("ob,hb->ho", onehot_ob.astype(table_hb.dtype), table_hb)
+    # float32 inside, so the gradient's sums along diagonals (up to S terms) are not rounded
+    # to bfloat16 on the way; the values themselves are exact either way.
+    per_offset_ho = jnp.einsum(
+        "ob,hb->ho", onehot_ob, table_hb.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     if s == 1:
-        return per_offset_ho[:, :, None]
+        return per_offset_ho[:, :, None].astype(table_hb.dtype)
     # Row q of a [S, 2S-2] view of the tiled vector, read from index S-1, starts at offset
     # index (S-1 - q) mod (2S-1) = S-1-q: exactly the row of keys 0..S-1 for query q.
     tiled = jnp.tile(per_offset_ho, (1, s + 1))[:, s - 1 : s - 1 + s * (2 * s - 2)]
-    return tiled.reshape(h, s, 2 * s - 2)[:, :, :s]
+    return tiled.reshape(h, s, 2 * s - 2)[:, :, :s].astype(table_hb.dtype)
 
 
 def rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:

@@ -33,6 +33,26 @@ def test_relative_bias_gradient_sums_each_bucket():
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_relative_bias_gradient_is_summed_in_float32_for_bfloat16_tables():
+    """Each bucket's gradient sums up to S cells; with a bfloat16 table only the final result
+    is rounded to bfloat16, not the running sums."""
+    length, buckets, max_distance = 512, 32, 128
+    rng = np.random.RandomState(1)
+    table = rng.normal(size=(2, buckets)).astype(np.float32)
+    w_hts = rng.normal(size=(2, length, length)).astype(np.float32)
+
+    def grad(dtype):
+        return jax.grad(
+            lambda t: jnp.sum(
+                attention.relative_bias(t, length, max_distance).astype(jnp.float32) * w_hts
+            )
+        )(jnp.asarray(table, dtype))
+
+    exact, half = np.asarray(grad(jnp.float32)), np.asarray(grad(jnp.bfloat16), np.float32)
+    # bfloat16 rounding of the cotangent cells and of the result: well under 1%.
+    np.testing.assert_allclose(half, exact, rtol=1e-2, atol=1e-2 * np.abs(exact).max())
+
+
 def _logits(config, tokens, segment_ids):
     model = steps.build_model(config)
     params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens))["params"]

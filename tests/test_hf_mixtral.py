@@ -195,6 +195,15 @@ def test_glam_config_cannot_be_exported(tmp_path):
         hf_checkpoint.save_mixtral({}, tiny_config(), str(tmp_path))
 
 
+def test_unrolled_layers_cannot_be_exported(tmp_path):
+    from configs import mixtral
+
+    config = mixtral.get_config("tiny")
+    config.model.scan_layers = False
+    with pytest.raises(hf_checkpoint.HFCheckpointError, match=r"model.scan_layers=False"):
+        hf_checkpoint.save_mixtral({}, config, str(tmp_path))
+
+
 def _tensors_of(path: str) -> dict[str, np.ndarray]:
     with safe_open(path, framework="np") as f:
         return {k: f.get_tensor(k) for k in f.keys()}

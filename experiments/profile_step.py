@@ -4,7 +4,9 @@ python experiments/profile_step.py --config=configs/glam_gpu_bench.py:moe --top=
     --json_out=/tmp/profile.json
 
 Uses jax.profiler's Perfetto trace (no TensorBoard plugin needed) and groups device events by
-kernel name, so a slow op (e.g. a scatter in a gradient) shows up at the top of the table.
+kernel name, so a slow op (e.g. a scatter in a gradient) shows up at the top of the table; a
+second table groups them by HLO instruction with the JAX op each came from (its op_name
+metadata in the compiled module), which is how a GEMM running twice shows up.
 """
 
 from __future__ import annotations

@@ -16,6 +16,21 @@ import ml_collections
 
 from configs import glam
 
+# `key=value` parts of a variant and how each value is read.
+VALUE_PARSERS = {
+    "dispatch": str,
+    "batch": int,
+    "remat": str,
+    "policy": str,  # a model.REMAT_POLICIES name
+    "mesh": lambda v: tuple(int(x) for x in v.split("x")),  # data x expert x model, e.g. 1x4x1
+    "experts": int,
+    "layers": int,
+    "group": int,
+    "exchange": str,
+    "opt": str,  # adamw (the stock-JAX reference's) or adafactor (GLaM's)
+}
+SWITCHES = ("docmask", "unrolled")  # bare words that turn an option on
+
 
 def parse_variant(arg: str | None) -> dict:
     """'moe' (default), 'dense', 'moe+dispatch=sort', 'dense+batch=16', ..."""
@@ -38,31 +53,15 @@ def parse_variant(arg: str | None) -> dict:
         if not part:
             continue
         key, _, value = part.partition("=")
-        if key in ("docmask", "unrolled") and not value:
+        if key in SWITCHES and not value:
             variant[key] = True
         elif not value:
             variant["kind"] = key
-        elif key == "dispatch":
-            variant["dispatch"] = value
-        elif key == "batch":
-            variant["batch"] = int(value)
-        elif key == "remat":
-            variant["remat"] = value
-        elif key == "policy":  # a model.REMAT_POLICIES name
-            variant["policy"] = value
-        elif key == "mesh":  # data x expert x model, e.g. 1x4x1
-            variant["mesh"] = tuple(int(v) for v in value.split("x"))
-        elif key in ("experts", "layers", "group"):
-            variant[key] = int(value)
-        elif key == "exchange":
-            variant["exchange"] = value
-        elif key == "opt":  # adamw (the stock-JAX reference's) or adafactor (GLaM's)
-            variant["opt"] = value
+        elif key in VALUE_PARSERS:
+            variant[key] = VALUE_PARSERS[key](value)
         else:
-            raise ValueError(
-                f"unknown bench variant {part!r}; use moe|dense, docmask, unrolled, dispatch=, "
-                "batch=, remat=, policy=, mesh=, experts=, layers=, group=, exchange=, opt=."
-            )
+            valid = ", ".join([*SWITCHES, *(f"{k}=" for k in VALUE_PARSERS)])
+            raise ValueError(f"unknown bench variant {part!r}; use moe|dense, {valid}.")
     if variant["kind"] not in ("moe", "dense"):
         raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
     return variant

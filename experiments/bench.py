@@ -20,11 +20,10 @@ from absl import app, flags
 
 from experiments.bench_utils import (
     collective_counts,
-    kernel_table,
+    device_seconds,
     load_config,
     random_train_step,
     time_fn,
-    trace,
     trace_kernels,
 )
 from glam_jax import gpu_defaults
@@ -258,13 +257,7 @@ def bench_attention() -> list[dict]:
     for name, fn in paths.items():
         grad = jax.jit(jax.grad(lambda *a, f=fn: jnp.sum(f(*a).astype(jnp.float32)), (0, 1, 2, 3)))
         sec = time_fn(grad, q, k, v, table, iters=_ITERS.value)
-        device_s = (
-            sum(
-                r["ms_per_step"]
-                for r in kernel_table(trace(lambda g=grad: g(q, k, v, table), 5), 5)
-            )
-            / 1e3
-        )
+        device_s = device_seconds(lambda g=grad: g(q, k, v, table))
         outs[name], grads[name] = jax.jit(fn)(q, k, v, table), grad(q, k, v, table)
         row = dict(
             bench="attention",

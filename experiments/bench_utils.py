@@ -117,6 +117,12 @@ def trace_kernels(fn, steps: int) -> list[dict]:
     return kernel_table(trace(fn, steps), steps)
 
 
+def device_seconds(fn, calls: int = 5) -> float:
+    """Kernel time of one fn() call, from `calls` traced calls: the GPU's time without the host
+    dispatch that separates standalone calls."""
+    return sum(r["ms_per_step"] for r in trace_kernels(fn, calls)) / 1e3
+
+
 _HLO_OP = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]+)"', re.MULTILINE)
 
 

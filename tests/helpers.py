@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from configs.glam_tiny import get_config
+from glam_jax.model import frozen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +28,17 @@ def tiny_config(**moe_overrides):
     for key, value in moe_overrides.items():
         config.moe[key] = value
     return config
+
+
+def exact_moe_config(embed: int, mlp: int, **moe):
+    """Frozen glam_tiny in float32 at widths embed/mlp with the given moe.* fields, for tests
+    that compare the MoE module with numpy references."""
+    c = get_config()
+    c.model.dtype = "float32"
+    c.model.embed_dim, c.model.mlp_dim = embed, mlp
+    c.model.init_std = 0.3  # O(1) expert outputs so 1e-5 tolerances mean something
+    c.moe.update(moe)
+    return frozen(c)
 
 
 def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:

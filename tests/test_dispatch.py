@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import glam_tiny
 from glam_jax import dispatch, routing
-from glam_jax.model import frozen
 from glam_jax.moe import MoE
+from tests.helpers import exact_moe_config
 
 M, H = 16, 32  # model and expert hidden width of every test here
 
@@ -262,11 +261,9 @@ def test_expert_choice_einsum_and_sort_match_loop():
 
 
 def make_config(router, dispatch_path, e=4, k=2, group_size=16, cf=100.0, **moe):
-    c = glam_tiny.get_config()
-    c.model.dtype = "float32"
-    c.model.embed_dim, c.model.mlp_dim = M, H
-    c.model.init_std = 0.3  # O(1) expert outputs so 1e-5 tolerances mean something
-    c.moe.update(
+    return exact_moe_config(
+        M,
+        H,
         num_experts=e,
         num_selected=k,
         router=router,
@@ -276,7 +273,6 @@ def make_config(router, dispatch_path, e=4, k=2, group_size=16, cf=100.0, **moe)
         capacity_factor_eval=cf,
         **moe,
     )
-    return frozen(c)
 
 
 def init_params(cfg, x, seed=0):

@@ -22,6 +22,7 @@ from configs import glam_tiny
 from glam_jax import routing
 from glam_jax.model import frozen
 from glam_jax.moe import MoE
+from tests.helpers import exact_moe_config
 
 B, S, M, H, E, GROUP = 2, 32, 16, 32, 4, 32  # two routing groups of 32 tokens
 
@@ -32,11 +33,7 @@ def fast_jit(fn, *args):
 
 
 def make_config(router="gshard_top2", dispatch="einsum", k=2, **moe):
-    c = glam_tiny.get_config()
-    c.model.dtype = "float32"
-    c.model.embed_dim, c.model.mlp_dim = M, H
-    c.model.init_std = 0.3  # O(1) expert outputs so 1e-5 tolerances mean something
-    c.moe.update(
+    fields = dict(
         num_experts=E,
         num_selected=k,
         router=router,
@@ -46,8 +43,7 @@ def make_config(router="gshard_top2", dispatch="einsum", k=2, **moe):
         capacity_factor_train=0.5,  # C = ceil(2*32/4*0.5) = 8 with top-2
         capacity_factor_eval=0.625,  # C = 10 with top-2
     )
-    c.moe.update(moe)
-    return frozen(c)
+    return exact_moe_config(M, H, **{**fields, **moe})
 
 
 def module_params(cfg, x, seed=0):

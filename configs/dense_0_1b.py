@@ -6,8 +6,4 @@ from configs import glam
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = glam.get_config("0_1b")
-    config.moe.num_experts = 0  # all layers dense: the activated-FLOPs twin of the MoE model
-    config.paper.name = "dense twin of " + config.paper.name
-    config.paper.total_params = config.paper.activated_params
-    return config
+    return glam.get_dense_twin("0_1b")

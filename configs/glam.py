@@ -42,3 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.paper.total_params = total
     config.paper.activated_params = activated
     return config
+
+
+def get_dense_twin(size: str) -> ml_collections.ConfigDict:
+    """The same shapes with every FFN dense: the activated-FLOPs twin of the MoE model."""
+    config = get_config(size)
+    config.moe.num_experts = 0
+    config.paper.name = "dense twin of " + config.paper.name
+    config.paper.total_params = config.paper.activated_params
+    return config

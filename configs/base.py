@@ -72,7 +72,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.noisy_gating = True  # noisy_topk: learned noise on the logits in training
     e.expert_dropout = 0.0  # dropout inside experts (Switch fine-tuning uses 0.4)
     e.expert_exchange = "gspmd"  # 'gspmd' (XLA picks collectives) or 'all_to_all' (explicit)
-    e.ragged_matmul = "auto"  # dropless grouped matmul: 'auto', 'xla' (lax.ragged_dot), 'mgpu'
+    e.ragged_matmul = "auto"  # dropless grouped matmul: 'auto' (fastest that runs here),
+    # 'blocked' (Hopper kernels, experts padded to 128-row tiles), 'mgpu' (jax's ragged
+    # Hopper kernels), 'xla' (lax.ragged_dot; XLA:GPU lowers it to a dense masked dot)
     e.decode_dispatch = "dropless"  # MoE dispatch when decoding, never dropping: 'dropless',
     # or 'einsum' / 'sort' with capacity = every token of the group (glam_jax/decode.py)
 

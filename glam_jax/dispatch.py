@@ -5,7 +5,7 @@
 - `sort`: a slot->token table built from the same slot assignment, then gathers into
   [E, G, C, M] and back; O(T*k) index work.
 - `dropless`: no capacity; token-expert pairs sorted by expert through a grouped matmul
-  (`jax.lax.ragged_dot`, or a GPU grouped-GEMM kernel where one is registered).
+  (`jax.lax.ragged_dot`, or on Hopper GPUs our block-aligned kernels or jax's ragged ones).
 
 Capacity and priority (first choices before second choices, then token order) are decided in
 one place, `assign_slots`, used by both capacity paths, so they drop exactly the same tokens.
@@ -105,15 +105,16 @@ class Experts:
             h_egch = self.hidden_fn(h_egch)
         return jnp.einsum("egch,ehm->egcm", h_egch, self.wo)
 
-    def ragged(self, x_nm: jax.Array, group_sizes_e: jax.Array, matmul: Callable) -> jax.Array:
-        """Rows of x sorted by expert (group_sizes_e rows each) through their expert."""
+    def ragged(self, x_nm: jax.Array, matmul: Callable) -> jax.Array:
+        """Rows of x sorted by expert through their expert; matmul(x [N, K], w [E, K, H])
+        knows which rows belong to which expert (a grouped matmul)."""
         act = activation_fn(self.activation)
-        h_nh = act(matmul(x_nm, self.wi_0, group_sizes_e))
+        h_nh = act(matmul(x_nm, self.wi_0))
         if self.wi_1 is not None:
-            h_nh = h_nh * matmul(x_nm, self.wi_1, group_sizes_e)
+            h_nh = h_nh * matmul(x_nm, self.wi_1)
         if self.hidden_fn is not None:
             h_nh = self.hidden_fn(h_nh)
-        return matmul(h_nh, self.wo, group_sizes_e)
+        return matmul(h_nh, self.wo)
 
 
 EGCM = ("expert", "expert_group", "capacity", "embed")
@@ -144,14 +145,16 @@ def _xla_ragged_dot(x_nm, w_emh, group_sizes_e):
 
 # Grouped-GEMM implementations by name; GPU kernels register themselves here.
 RAGGED_MATMULS: dict[str, Callable] = {"xla": _xla_ragged_dot}
-RAGGED_MATMUL_CHOICES = ("auto", "xla", "mgpu")
+# 'blocked': our Hopper kernels over expert groups padded to whole row tiles (fastest);
+# 'mgpu': jax's Mosaic-GPU ragged kernels over unpadded groups; 'xla': jax.lax.ragged_dot.
+RAGGED_MATMUL_CHOICES = ("auto", "xla", "mgpu", "blocked")
 
 
 def resolve_ragged_matmul(name: str, experts: Experts | None = None) -> str:
-    """'auto' -> the Hopper Mosaic-GPU kernel where it runs these experts, else XLA's ragged_dot.
+    """'auto' -> the fastest grouped matmul that runs these experts here, else XLA's ragged_dot.
 
-    The kernel needs a Hopper GPU, bfloat16/float16 weights and widths that are multiples of
-    its 128-wide tiles; 'auto' falls back to XLA otherwise, an explicit 'mgpu' says why not.
+    The Hopper kernels need an sm_90 GPU, bfloat16/float16 weights and widths that are
+    multiples of their tiles; 'auto' falls back, an explicit 'blocked'/'mgpu' says why not.
     """
     if name not in RAGGED_MATMUL_CHOICES:
         raise ValueError(
@@ -159,17 +162,45 @@ def resolve_ragged_matmul(name: str, experts: Experts | None = None) -> str:
         )
     if name == "xla":
         return name
-    from glam_jax.kernels import grouped_matmul
+    from glam_jax.kernels import block_grouped_matmul, grouped_matmul
 
-    reason = grouped_matmul.unsupported_reason(experts.wi_0 if experts is not None else None)
-    if reason is None:
-        grouped_matmul.register()
-        return "mgpu"
-    if name == "mgpu":
+    w = experts.wi_0 if experts is not None else None
+    reasons = {
+        "blocked": block_grouped_matmul.unsupported_reason(w),
+        "mgpu": grouped_matmul.unsupported_reason(w),
+    }
+    for choice in ("blocked", "mgpu") if name == "auto" else (name,):
+        if reasons[choice] is None:
+            if choice == "mgpu":
+                grouped_matmul.register()
+            return choice
+    if name != "auto":
         raise ValueError(
-            f"moe.ragged_matmul='mgpu' cannot run here: {reason}; use 'auto' or 'xla'."
+            f"moe.ragged_matmul={name!r} cannot run here: {reasons[name]}; use 'auto' or 'xla'."
         )
     return "xla"
+
+
+@jax.custom_vjp
+def gather_rows(x_nm: jax.Array, index_i: jax.Array, inverse_nc: jax.Array) -> jax.Array:
+    """x[index] -> [I, M], where index == N gives a zero row.
+
+    inverse_nc lists for each row n of x the positions i with index[i] == n (padded with I),
+    so the gradient is a gather and a sum too, not a scatter-add (which XLA serialises).
+    """
+    return jnp.take(x_nm, index_i, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(x_nm, index_i, inverse_nc):
+    return gather_rows(x_nm, index_i, inverse_nc), inverse_nc
+
+
+def _gather_rows_bwd(inverse_nc, dy_im):
+    dx_ncm = jnp.take(dy_im, inverse_nc, axis=0, mode="fill", fill_value=0)
+    return jnp.sum(dx_ncm, axis=1, dtype=dy_im.dtype), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def einsum_dispatch(
@@ -214,18 +245,53 @@ def dropless_dispatch(
     x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts: Experts, matmul="xla"
 ):
     """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul."""
+    matmul = resolve_ragged_matmul(matmul, experts)
+    if matmul == "blocked":
+        from glam_jax.kernels import block_grouped_matmul
+
+        return dropless_blocked_dispatch(
+            x_gtm,
+            expert_index_gtk,
+            weights_gtk,
+            dispatch_mask_gtk,
+            experts,
+            block_grouped_matmul.block_matmul,
+        )
     g, t, m = x_gtm.shape
     e, k = experts.num_experts, expert_index_gtk.shape[-1]
-    matmul = resolve_ragged_matmul(matmul, experts)
     x_nm = x_gtm.reshape(g * t, m)
     e_p = expert_index_gtk.reshape(-1)
     order_p = jnp.argsort(e_p, stable=True)
     xs_pm = jnp.take(x_nm, order_p // k, axis=0)
     group_sizes_e = jnp.bincount(e_p, length=e)
-    ys_pm = experts.ragged(xs_pm, group_sizes_e, RAGGED_MATMULS[matmul])
+    grouped = RAGGED_MATMULS[matmul]
+    ys_pm = experts.ragged(xs_pm, lambda x, w: grouped(x, w, group_sizes_e))
     y_pm = jnp.zeros_like(ys_pm).at[order_p].set(ys_pm)
     w_p = jnp.where(dispatch_mask_gtk, weights_gtk, 0.0).reshape(-1).astype(y_pm.dtype)
     y_nm = jnp.sum((y_pm * w_p[:, None]).reshape(g * t, k, m), axis=1)
+    return y_nm.reshape(g, t, m)
+
+
+def dropless_blocked_dispatch(
+    x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts: Experts, block_matmul
+):
+    """Dropless through a buffer where each expert's rows fill whole row tiles (zero-padded).
+
+    block_matmul(x [R, K], w [E, K, N], layout) is the Hopper kernel or its XLA twin
+    (glam_jax.kernels.block_grouped_matmul); moving rows in and out are gathers both ways.
+    """
+    from glam_jax.kernels import block_grouped_matmul
+
+    g, t, m = x_gtm.shape
+    e, k = experts.num_experts, expert_index_gtk.shape[-1]
+    n, p = g * t, g * t * k
+    layout = block_grouped_matmul.block_layout(expert_index_gtk.reshape(p), e)
+    token_r = jnp.where(layout.row_pair < p, layout.row_pair // k, n)  # n: a zero row
+    xs_rm = gather_rows(x_gtm.reshape(n, m), token_r, layout.pair_row.reshape(n, k))
+    ys_rm = experts.ragged(xs_rm, lambda x, w: block_matmul(x, w, layout))
+    y_pm = gather_rows(ys_rm, layout.pair_row, layout.row_pair[:, None])
+    w_p = jnp.where(dispatch_mask_gtk, weights_gtk, 0.0).reshape(p).astype(y_pm.dtype)
+    y_nm = jnp.sum((y_pm * w_p[:, None]).reshape(n, k, m), axis=1)
     return y_nm.reshape(g, t, m)
 
 

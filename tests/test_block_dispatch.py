@@ -1,0 +1,153 @@
+"""Dropless dispatch through a block-aligned buffer (glam_jax.kernels.block_grouped_matmul).
+
+The Hopper kernels themselves run in tests/test_gpu.py; here, on CPU, the layout, the
+row gathers and the custom VJP around the kernels are checked with XLA stand-ins that, like
+the kernels, leave the rows of unused tiles undefined (NaN here).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glam_jax import dispatch
+from glam_jax.kernels import block_grouped_matmul as bg
+from tests.test_dispatch import (
+    M,
+    close,
+    fast_jit,
+    np_all_experts,
+    np_combine,
+    random_choices,
+    random_experts,
+)
+
+B = bg.BLOCK_ROWS
+
+
+def test_block_layout_puts_each_expert_in_whole_tiles():
+    e = 5
+    rng = np.random.default_rng(0)
+    expert_p = np.concatenate([np.full(B, 2), np.full(130, 4), rng.choice([0, 3], 41)])
+    rng.shuffle(expert_p)  # expert 1 gets nothing, expert 2 exactly one tile
+    p = expert_p.size
+    lay = fast_jit(lambda x: bg.block_layout(x, e), jnp.asarray(expert_p, jnp.int32))
+    counts = np.bincount(expert_p, minlength=e)
+    padded = -(-counts // B) * B
+    np.testing.assert_array_equal(lay.padded_sizes, padded)
+    np.testing.assert_array_equal(lay.expert_start, np.cumsum(padded) - padded)
+    assert int(lay.num_used_tiles) == padded.sum() // B
+    assert lay.rows == bg.buffer_rows(p, e) and lay.rows % B == 0
+    pair_row, row_pair = np.asarray(lay.pair_row), np.asarray(lay.row_pair)
+    for ex in range(e):
+        mine = np.flatnonzero(expert_p == ex)  # pairs of this expert, in token order
+        start = lay.expert_start[ex]
+        np.testing.assert_array_equal(pair_row[mine], start + np.arange(mine.size))
+    np.testing.assert_array_equal(row_pair[pair_row], np.arange(p))
+    assert (np.delete(row_pair, pair_row) == p).all()  # padding and unused rows point nowhere
+    tile_owner = np.full(lay.rows // B, e)
+    for ex in range(e):
+        tile_owner[lay.expert_start[ex] // B : (lay.expert_start[ex] + padded[ex]) // B] = ex
+    np.testing.assert_array_equal(lay.tile_expert, tile_owner)
+
+
+def test_gather_rows_gradient_is_the_gradient_of_take():
+    """The custom VJP (a gather and a sum through the inverse lists) equals autodiff's
+    scatter-add, including duplicated rows and the zero row for index == N."""
+    rng = np.random.default_rng(1)
+    n, k, m = 6, 2, 3
+    x = jnp.asarray(rng.normal(size=(n, m)), jnp.float32)
+    rows = rng.permutation(16)[: n * k].reshape(n, k)  # token n sits in rows[n, :]
+    index = np.full(16, n)
+    index[rows.reshape(-1)] = np.repeat(np.arange(n), k)
+    ct = jnp.asarray(rng.normal(size=(16, m)), jnp.float32)
+
+    def ours(x):
+        return jnp.sum(dispatch.gather_rows(x, jnp.asarray(index), jnp.asarray(rows)) * ct)
+
+    def ref(x):
+        y = jnp.take(x, jnp.asarray(index), axis=0, mode="fill", fill_value=0)
+        return jnp.sum(y * ct)
+
+    close(ours(x), ref(x))
+    close(jax.grad(ours)(x), jax.grad(ref)(x))
+    assert float(jnp.abs(jax.grad(ours)(x)).max()) > 0
+
+
+def test_dropless_blocked_matches_loop():
+    """Every dispatched choice counts, however unbalanced: same maths as dropless_dispatch."""
+    g, t, k, e = 2, 80, 2, 4
+    p, experts = random_experts(4, e)
+    idx, w, mask = random_choices(5, g, t, k, e, dispatch_prob=0.7)
+    idx[0, :, 0] = 3  # expert 3 gets the whole first group's first choices
+    idx[0, :, 1] = np.where(idx[0, :, 1] == 3, 0, idx[0, :, 1])
+    x = np.random.default_rng(6).normal(size=(g, t, M)).astype(np.float32)
+    args = [jnp.asarray(a) for a in (x, idx, w, mask)]
+    y = fast_jit(
+        lambda *a: dispatch.dropless_blocked_dispatch(*a, experts, bg.block_matmul_xla), *args
+    )
+    y_all = np_all_experts(p, x.reshape(-1, M)).reshape(g, t, e, M)
+    close(y, np_combine(y_all, idx, w, mask))
+
+
+def _nan_unused(y, tile_expert, num_experts):
+    unused = jnp.repeat(tile_expert, B) == num_experts
+    return jnp.where(unused[:, None], jnp.nan, y)
+
+
+def _tile_matmul_stand_in(x, w, tile_expert, num_used_tiles, *, transpose_w=False):
+    """What the kernel computes: each row tile times its expert's matrix; unused tiles NaN."""
+    e = w.shape[0]
+    w = jnp.swapaxes(w, 1, 2) if transpose_w else w
+    w_tkn = w[jnp.minimum(tile_expert, e - 1)]
+    y = jnp.einsum("tbk,tkn->tbn", x.reshape(-1, B, x.shape[1]), w_tkn).reshape(x.shape[0], -1)
+    del num_used_tiles  # tile_expert == E marks the same tiles
+    return _nan_unused(y, tile_expert, e)
+
+
+def _weight_grad_stand_in(x, dy, expert_start, expert_blocks):
+    rows = jnp.arange(x.shape[0])[:, None]
+    end = expert_start + expert_blocks * bg.WEIGHT_GRAD.tile_k
+    owner = (rows >= expert_start[None]) & (rows < end[None])  # [R, E]
+    xe = jnp.where(owner[:, :, None], x[:, None, :], 0.0)
+    return jnp.einsum("rek,rn->ekn", xe, jnp.where(owner.any(1)[:, None], dy, 0.0))
+
+
+def test_block_matmul_vjp_matches_ragged_dot(monkeypatch):
+    """block_matmul's custom VJP (kernels replaced by XLA stand-ins that leave NaN in unused
+    tiles) gives block_matmul_xla's values and gradients, with no NaN escaping."""
+    monkeypatch.setattr(bg, "tile_matmul", _tile_matmul_stand_in)
+    monkeypatch.setattr(bg, "expert_weight_grad", _weight_grad_stand_in)
+    e, kdim, n = 3, 8, 5
+    rng = np.random.default_rng(2)
+    expert_p = jnp.asarray(np.concatenate([np.zeros(130), np.full(7, 2)]), jnp.int32)
+    lay = bg.block_layout(expert_p, e)
+    real = jnp.asarray(lay.row_pair < expert_p.size)[:, None]
+    x = jnp.where(real, jnp.asarray(rng.normal(size=(lay.rows, kdim)), jnp.float32), 0.0)
+    w = jnp.asarray(rng.normal(size=(e, kdim, n)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(lay.rows, n)), jnp.float32)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w, lay) * ct)
+
+    close(bg.block_matmul(x, w, lay), bg.block_matmul_xla(x, w, lay))
+    got = jax.grad(loss(bg.block_matmul), (0, 1))(x, w)
+    want = jax.grad(loss(bg.block_matmul_xla), (0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        assert np.isfinite(np.asarray(a)).all()
+        close(a, b, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(got[1][1]).max()) == 0.0  # expert 1 has no rows: zero gradient
+
+
+def test_blocked_choice_says_why_it_cannot_run_on_cpu():
+    experts = dispatch.Experts(
+        wi_0=jnp.zeros((4, 256, 512), jnp.bfloat16),
+        wi_1=None,
+        wo=jnp.zeros((4, 512, 256), jnp.bfloat16),
+    )
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU 'blocked' may run")
+    with pytest.raises(ValueError, match="moe.ragged_matmul='blocked' cannot run here: .*backend"):
+        dispatch.resolve_ragged_matmul("blocked", experts)

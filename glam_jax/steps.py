@@ -18,7 +18,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from glam_jax import sharding
+from glam_jax import losses, sharding
 from glam_jax.layers import dtype_of
 from glam_jax.model import Transformer, cast_for_compute, frozen
 from glam_jax.optim import learning_rate_schedule
@@ -147,14 +147,6 @@ def state_shardings(config, model: Transformer, abstract: TrainState, mesh: Mesh
     return sharding.named_shardings(mesh, specs)
 
 
-def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array):
-    """Per-token negative log-likelihood and log-partition (for the logits z-loss), float32."""
-    logits = logits_btv.astype(jnp.float32)
-    logz_bt = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
-    return (logz_bt - target_logit_bt) * weights_bt, logz_bt
-
-
 def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool):
     """Total loss = CE + logits z-loss + weighted MoE losses; also returns metrics."""
     moe, tc = config.moe, config.train
@@ -172,7 +164,7 @@ def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool
         rngs=rngs,
     )
     weights = batch["weights"].astype(jnp.float32)
-    nll_bt, logz_bt = cross_entropy(logits, batch["targets"], weights)
+    nll_bt, logz_bt = losses.cross_entropy(logits, batch["targets"], weights)
     denom = jnp.maximum(jnp.sum(weights), 1.0)
     ce = jnp.sum(nll_bt) / denom
     logits_z = jnp.sum(jnp.square(logz_bt) * weights) / denom

@@ -28,6 +28,7 @@ VALUE_PARSERS = {
     "group": int,
     "exchange": str,
     "opt": str,  # adamw (the stock-JAX reference's) or adafactor (GLaM's)
+    "gmm": str,  # moe.ragged_matmul of dropless: auto, blocked, mgpu, xla
 }
 SWITCHES = ("docmask", "unrolled")  # bare words that turn an option on
 
@@ -48,6 +49,7 @@ def parse_variant(arg: str | None) -> dict:
         "group": 1024,
         "unrolled": False,
         "opt": "adamw",
+        "gmm": "auto",
     }
     for part in (arg or "").split("+"):
         if not part:
@@ -83,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.moe.num_experts = 0 if variant["kind"] == "dense" else variant["experts"]
     config.moe.dispatch = variant["dispatch"]
     config.moe.expert_exchange = variant["exchange"]
+    config.moe.ragged_matmul = variant["gmm"]
     config.moe.group_size = variant["group"]
     config.train.batch_size = variant["batch"]
     config.train.eval_batch_size = variant["batch"]

@@ -36,7 +36,11 @@ _EXPERTS = flags.DEFINE_integer("experts", 64, "MoE/FFN benchmark: experts E.")
 _TOPK = flags.DEFINE_integer("topk", 2, "MoE/FFN benchmark: experts per token k.")
 _GROUP = flags.DEFINE_integer("group_size", 1024, "MoE/FFN benchmark: routing group size.")
 _CF = flags.DEFINE_float("capacity_factor", 1.25, "MoE/FFN benchmark: capacity factor.")
-_DISPATCHES = flags.DEFINE_list("dispatches", ["einsum", "sort", "dropless"], "Paths to time.")
+_DISPATCHES = flags.DEFINE_list(
+    "dispatches",
+    ["einsum", "sort", "dropless"],
+    "MoE/FFN benchmark: paths to time; 'dropless/NAME' sets moe.ragged_matmul=NAME.",
+)
 _STEP_CONFIGS = flags.DEFINE_list(
     "step_configs",
     ["configs/glam_gpu_bench.py:dense", "configs/glam_gpu_bench.py:moe"],
@@ -96,8 +100,10 @@ def bench_moe() -> list[dict]:
     shape["param_dtype"] = _PARAM_DTYPE.value
     dense = GluFFN(mlp_dim=k * h, dtype=jnp.bfloat16, param_dtype=pdtype)
     timed(dense, "dense", shape)
-    for path in _DISPATCHES.value:
+    for label in _DISPATCHES.value:
+        path, _, matmul = label.partition("/")
         config = get_base_config()
+        config.moe.ragged_matmul = matmul or "auto"
         config.model.dtype = "bfloat16"
         config.model.param_dtype = _PARAM_DTYPE.value
         config.model.embed_dim, config.model.mlp_dim = m, h
@@ -112,13 +118,13 @@ def bench_moe() -> list[dict]:
         try:
             timed(
                 MoE(frozen(config), train=True),
-                path,
+                label,
                 dict(shape, group_size=_GROUP.value, capacity_factor=_CF.value),
             )
         except Exception as err:  # noqa: BLE001 - e.g. out of memory: record and go on
             msg = str(err).splitlines()[0][:200]
-            print(f"  {path:10s} failed: {msg}", flush=True)
-            rows.append(dict(bench="ffn", path=path, error=msg, **shape))
+            print(f"  {label:10s} failed: {msg}", flush=True)
+            rows.append(dict(bench="ffn", path=label, error=msg, **shape))
     dense_tf = rows[0]["tflops"]
     for row in rows[1:]:
         if "tflops" in row:

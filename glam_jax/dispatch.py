@@ -186,7 +186,7 @@ def gather_rows(x_nm: jax.Array, index_i: jax.Array, inverse_nc: jax.Array) -> j
     """x[index] -> [I, M], where index == N gives a zero row.
 
     inverse_nc lists for each row n of x the positions i with index[i] == n (padded with I),
-    so the gradient is a gather and a sum too, not a scatter-add (which XLA serialises).
+    so the gradient is a gather and a sum too, not a scatter-add (atomics on a GPU).
     """
     return jnp.take(x_nm, index_i, axis=0, mode="fill", fill_value=0)
 

@@ -1,12 +1,13 @@
 """Token cross-entropy whose gradient is one pass over the logits, in their dtype.
 
-Written out by autodiff, the loss casts the [B, T, V] logits to float32, keeps that copy for
-the backward pass and builds the gradient in float32 before casting it back to bfloat16 for
-the output-projection matmuls: at V = 32k that is several passes over a 4 GiB array (~10 ms
-of a 16 x 2048-token H100 step, docs/performance.md). The custom VJP below keeps only the
-bfloat16 logits and the float32 log-partition, and forms
+Written out by autodiff, the loss casts the [B, T, V] logits to float32, can keep that copy
+for the backward pass, and builds the gradient in float32 before it is cast back to bfloat16
+for the output-projection matmuls. The custom VJP below keeps only the bfloat16 logits and
+the float32 log-partition, and forms
 d logits = softmax * (w * d_nll + d_logz) - onehot(target) * w * d_nll
-in one fused element-wise pass, rounding once to the logits' dtype.
+in one fused element-wise pass, rounding once to the logits' dtype. On an H100 dense step
+(B=8, V=32k) that is 133.3 ms against 134.1-134.8 ms, and 1 GiB less memory
+(docs/performance.md).
 """
 
 from __future__ import annotations

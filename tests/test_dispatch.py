@@ -218,16 +218,26 @@ def test_einsum_and_sort_match_loop_with_drops():
     assert (mask & ~ref_kept).sum() > 0  # capacity dropped something
 
 
-def test_dropless_matches_loop():
-    """dropless_dispatch: every dispatched choice counts, however unbalanced the experts."""
-    g, t, k, e = 2, 24, 2, 4
+def _dropless_blocked_xla(*args):
+    from glam_jax.kernels.block_grouped_matmul import block_matmul_xla
+
+    return dispatch.dropless_blocked_dispatch(*args, block_matmul_xla)
+
+
+@pytest.mark.parametrize(
+    "dropless", [dispatch.dropless_dispatch, _dropless_blocked_xla], ids=["sorted", "blocked"]
+)
+def test_dropless_matches_loop(dropless):
+    """dropless_dispatch, and its block-aligned layout (glam_jax.kernels.block_grouped_matmul,
+    through XLA here): every dispatched choice counts, however unbalanced the experts."""
+    g, t, k, e = 2, 80, 2, 4  # expert 3 gets more than one 128-row tile in the blocked layout
     p, experts = random_experts(4, e)
     idx, w, mask = random_choices(5, g, t, k, e, dispatch_prob=0.7)
     idx[0, :, 0] = 3  # expert 3 gets the whole first group's first choices
     idx[0, :, 1] = np.where(idx[0, :, 1] == 3, 0, idx[0, :, 1])
     x = np.random.default_rng(6).normal(size=(g, t, M)).astype(np.float32)
     y = fast_jit(
-        dispatch.dropless_dispatch,
+        dropless,
         jnp.asarray(x),
         jnp.asarray(idx),
         jnp.asarray(w),

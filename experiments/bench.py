@@ -133,51 +133,85 @@ def bench_moe() -> list[dict]:
 
 
 def bench_gmm() -> list[dict]:
-    """Grouped-matmul kernel vs one dense matmul of the same FLOPs, fwd and fwd+bwd."""
+    """Each grouped-matmul kernel of the dropless MoE vs cuBLAS on the same useful FLOPs.
+
+    tokens x topk rows over `experts` groups (multinomial sizes), [embed] -> [mlp]: forward
+    x @ w[g], input gradient dy @ w[g]^T and weight gradient x_g^T dy_g, for jax's ragged
+    Mosaic-GPU kernels (`mgpu`, unpadded groups) and ours (`blocked`, groups padded to whole
+    row tiles). Device time per call from a profiler trace; TFLOP/s count useful rows only.
+    """
     import jax
     import jax.numpy as jnp
 
+    from glam_jax.kernels import block_grouped_matmul as bg
     from glam_jax.kernels import grouped_matmul as gmm
 
-    if not gmm.available():
-        print("  grouped-matmul kernel not available on this device")
+    if bg.unsupported_reason() is not None:
+        print(f"  grouped-matmul kernels not available: {bg.unsupported_reason()}")
         return []
     t, m, h, e, k = _TOKENS.value, _EMBED.value, _MLP.value, _EXPERTS.value, _TOPK.value
-    rows_n = t * k
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(keys[0], (rows_n, m), jnp.bfloat16)
-    w = jax.random.normal(keys[1], (e, m, h), jnp.bfloat16) * 0.02
-    w_dense = w[0]
-    sizes = jax.random.multinomial(keys[2], rows_n, jnp.full((e,), 1.0 / e), shape=(e,))
-    sizes = sizes.astype(jnp.int32)
-    ct = jax.random.normal(keys[2], (rows_n, h), jnp.float32)  # random: no algebraic shortcut
-    flops = 2 * rows_n * m * h
-
-    def grad_of(f):
-        return jax.jit(jax.grad(lambda x, w, c: jnp.sum(f(x, w).astype(jnp.float32) * c), (0, 1)))
-
-    def gmm_fn(x, w):
-        return gmm.grouped_matmul(x, w, sizes)
-
+    p = t * k
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    expert_p = jax.random.randint(keys[0], (p,), 0, e)
+    sizes = jnp.bincount(expert_p, length=e).astype(jnp.int32)
+    lay = jax.jit(bg.block_layout, static_argnums=1)(expert_p, e)
+    x = jax.random.normal(keys[1], (p, m), jnp.bfloat16)
+    dy = jax.random.normal(keys[2], (p, h), jnp.bfloat16)
+    w = jax.random.normal(keys[3], (e, m, h), jnp.bfloat16) * 0.02
+    # the same rows in the padded layout (zero rows for padding)
+    xb, dyb = (jnp.take(a, lay.row_pair, axis=0, mode="fill", fill_value=0) for a in (x, dy))
+    tiles_used = lay.num_used_tiles
+    blocks = lay.padded_sizes // bg.WEIGHT_GRAD.tile_k
+    cases = {
+        ("forward", "cublas"): (lambda a, b: a @ b, (x, w[0])),
+        ("forward", "mgpu"): (lambda a, b: gmm._ragged(a, b, sizes), (x, w)),
+        ("forward", "blocked"): (
+            lambda a, b: bg.tile_matmul(a, b, lay.tile_expert, tiles_used),
+            (xb, w),
+        ),
+        ("input_grad", "cublas"): (lambda a, b: a @ b.T, (dy, w[0])),
+        ("input_grad", "mgpu"): (
+            lambda a, b: gmm._ragged(a, b, sizes, transpose_rhs=True),
+            (dy, w),
+        ),
+        ("input_grad", "blocked"): (
+            lambda a, b: bg.tile_matmul(a, b, lay.tile_expert, tiles_used, transpose_w=True),
+            (dyb, w),
+        ),
+        ("weight_grad", "cublas"): (lambda a, b: a.T @ b, (x, dy)),
+        ("weight_grad", "mgpu"): (lambda a, b: gmm._weight_grad(a, b, sizes), (x, dy)),
+        ("weight_grad", "blocked"): (
+            lambda a, b: bg.expert_weight_grad(a, b, lay.expert_start, blocks),
+            (xb, dyb),
+        ),
+    }
+    flops = 2 * p * m * h
+    padded_rows = int(tiles_used) * bg.BLOCK_ROWS
+    print(f"  {p} rows in {e} groups; blocked layout computes {padded_rows} rows", flush=True)
     rows = []
-    cases = (
-        ("dense_fwd", jax.jit(lambda x, w: x @ w), (x, w_dense), 1),
-        ("gmm_fwd", jax.jit(gmm_fn), (x, w), 1),
-        ("xla_ragged_fwd", jax.jit(lambda x, w: jax.lax.ragged_dot(x, w, sizes)), (x, w), 1),
-        ("dense_fwd_bwd", grad_of(lambda x, w: x @ w), (x, w_dense, ct), 3),
-        ("gmm_fwd_bwd", grad_of(gmm_fn), (x, w, ct), 3),
-    )
-    for name, fn, args, mult in cases:
+    for (op, impl), (fn, args) in cases.items():
+        jitted = jax.jit(fn)
         try:
-            sec = time_fn(fn, *args, iters=_ITERS.value)
+            sec = device_seconds(lambda jitted=jitted, args=args: jitted(*args), calls=10)
         except Exception as err:  # noqa: BLE001 - record OOM etc. and go on
-            print(f"  {name:16s} failed: {str(err).splitlines()[0][:150]}")
+            print(f"  {op:12s} {impl:8s} failed: {str(err).splitlines()[0][:150]}")
             continue
-        tf = mult * flops / sec / 1e12
+        tf = flops / sec / 1e12
         rows.append(
-            dict(bench="gmm", case=name, seconds=sec, tflops=tf, rows=rows_n, k=m, n=h, groups=e)
+            dict(
+                bench="gmm",
+                op=op,
+                impl=impl,
+                seconds=sec,
+                tflops=tf,
+                rows=p,
+                k=m,
+                n=h,
+                groups=e,
+                padded_rows=padded_rows,
+            )
         )
-        print(f"  {name:16s} {sec * 1e3:8.2f} ms  {tf:7.1f} TFLOP/s", flush=True)
+        print(f"  {op:12s} {impl:8s} {sec * 1e3:8.3f} ms  {tf:7.1f} TFLOP/s", flush=True)
     return rows
 
 

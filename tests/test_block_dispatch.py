@@ -128,3 +128,22 @@ def test_blocked_choice_says_why_it_cannot_run_on_cpu():
         pytest.skip("on a GPU 'blocked' may run")
     with pytest.raises(ValueError, match="moe.ragged_matmul='blocked' cannot run here: .*backend"):
         dispatch.resolve_ragged_matmul("blocked", experts)
+
+
+def test_auto_prefers_blocked_then_mgpu_then_xla(monkeypatch):
+    """The order 'auto' tries the grouped matmuls in, with the kernels' checks stubbed."""
+    from glam_jax.kernels import grouped_matmul
+
+    experts = dispatch.Experts(
+        wi_0=jnp.zeros((4, 256, 512), jnp.bfloat16),
+        wi_1=None,
+        wo=jnp.zeros((4, 512, 256), jnp.bfloat16),
+    )
+    registered = []
+    monkeypatch.setattr(grouped_matmul, "register", lambda: registered.append(True))
+    cases = [(None, None, "blocked"), ("no", None, "mgpu"), ("no", "no", "xla")]
+    for blocked_reason, mgpu_reason, want in cases:
+        monkeypatch.setattr(bg, "unsupported_reason", lambda w=None, r=blocked_reason: r)
+        monkeypatch.setattr(grouped_matmul, "unsupported_reason", lambda w=None, r=mgpu_reason: r)
+        assert dispatch.resolve_ragged_matmul("auto", experts) == want
+    assert registered == [True]  # only choosing 'mgpu' registers jax's kernels

@@ -5,7 +5,8 @@
 Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, `:moe+mesh=1x4x1+batch=32`
 (expert parallelism over 4 GPUs, 8 rows per GPU), `:moe+experts=64+layers=4`,
 `:dense+docmask` (segment mask given to attention), `:moe+policy=none` (a REMAT_POLICIES name),
-`:moe+group=512`, `:moe+unrolled` (model.scan_layers=False), ...
+`:moe+group=512`, `:moe+unrolled` (model.scan_layers=False), `:moe+opt=adafactor`,
+`:moe+dispatch=dropless+gmm=mgpu` (moe.ragged_matmul), ...
 
 The defaults are the fastest settings measured on an H200 (docs/performance.md): remat policy
 `dots` (every matmul output saved, so neither dense nor expert GEMMs run twice), routing

@@ -267,9 +267,7 @@ def dropless_dispatch(
     grouped = RAGGED_MATMULS[matmul]
     ys_pm = experts.ragged(xs_pm, lambda x, w: grouped(x, w, group_sizes_e))
     y_pm = jnp.zeros_like(ys_pm).at[order_p].set(ys_pm)
-    w_p = jnp.where(dispatch_mask_gtk, weights_gtk, 0.0).reshape(-1).astype(y_pm.dtype)
-    y_nm = jnp.sum((y_pm * w_p[:, None]).reshape(g * t, k, m), axis=1)
-    return y_nm.reshape(g, t, m)
+    return _combine_pairs(y_pm, weights_gtk, dispatch_mask_gtk)
 
 
 def dropless_blocked_dispatch(
@@ -290,9 +288,15 @@ def dropless_blocked_dispatch(
     xs_rm = gather_rows(x_gtm.reshape(n, m), token_r, layout.pair_row.reshape(n, k))
     ys_rm = experts.ragged(xs_rm, lambda x, w: block_matmul(x, w, layout))
     y_pm = gather_rows(ys_rm, layout.pair_row, layout.row_pair[:, None])
-    w_p = jnp.where(dispatch_mask_gtk, weights_gtk, 0.0).reshape(p).astype(y_pm.dtype)
-    y_nm = jnp.sum((y_pm * w_p[:, None]).reshape(n, k, m), axis=1)
-    return y_nm.reshape(g, t, m)
+    return _combine_pairs(y_pm, weights_gtk, dispatch_mask_gtk)
+
+
+def _combine_pairs(y_pm, weights_gtk, dispatch_mask_gtk):
+    """Expert outputs of the (token, choice) pairs [G*T*k, M], token-major -> [G, T, M]: each
+    token's choices weighted (0 where not dispatched) and summed."""
+    g, t, k = weights_gtk.shape
+    w_p = jnp.where(dispatch_mask_gtk, weights_gtk, 0.0).reshape(-1).astype(y_pm.dtype)
+    return jnp.sum((y_pm * w_p[:, None]).reshape(g, t, k, -1), axis=2)
 
 
 def expert_choice_einsum(x_gtm, token_gec, weights_gec, experts: Experts):

@@ -67,6 +67,13 @@ def _transforms(minor_elems: int, dtype):
     return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
 
 
+def _require_16bit(kernel: str, a: jax.Array, b: jax.Array) -> None:
+    if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"{kernel} takes two bfloat16 or two float16 arrays, got {a.dtype}, {b.dtype}."
+        )
+
+
 def _grid(cluster: int) -> dict:
     """A persistent grid of one CTA (or one cluster of `cluster` CTAs) per group of SMs."""
     num_sms = jax.devices()[0].core_count
@@ -149,10 +156,7 @@ def tile_matmul(
         _, n, k2 = w_gkn.shape
     else:
         _, k2, n = w_gkn.shape
-    if x_rk.dtype != w_gkn.dtype or x_rk.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(
-            f"tile_matmul takes bfloat16/float16 x and w, got {x_rk.dtype}, {w_gkn.dtype}."
-        )
+    _require_16bit("tile_matmul", x_rk, w_gkn)
     if k != k2 or r % BLOCK_ROWS:
         raise ValueError(f"tile_matmul: x {x_rk.shape} and w {w_gkn.shape} do not fit.")
     tile_m, tile_n, tile_k = BLOCK_ROWS, tiles.tile_n, tiles.tile_k
@@ -258,10 +262,7 @@ def expert_weight_grad(
     g = expert_start_g.shape[0]
     bm, bn, bk = BLOCK_ROWS, tiles.tile_n, tiles.tile_k
     cta_n = 2 * bn
-    if x_rk.dtype != dy_rn.dtype or x_rk.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(
-            f"expert_weight_grad takes bfloat16/float16, got {x_rk.dtype}, {dy_rn.dtype}."
-        )
+    _require_16bit("expert_weight_grad", x_rk, dy_rn)
     if r != r2 or k % bm or n % (cta_n * tiles.cluster) or BLOCK_ROWS % bk:
         raise ValueError(
             f"expert_weight_grad: x {x_rk.shape}, dy {dy_rn.shape} do not fit tiles {tiles}."
@@ -430,12 +431,5 @@ def unsupported_reason(w_gkn: jax.Array | None = None) -> str | None:
     """None where the kernels run (on expert weights w [E, K, N] if given), else why not."""
     from glam_jax.kernels import grouped_matmul
 
-    reason = grouped_matmul.unsupported_reason()
-    if reason is not None or w_gkn is None:
-        return reason
-    if w_gkn.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"the expert weights are {w_gkn.dtype}, the kernels take bfloat16/float16"
-    width = 2 * FORWARD.tile_n
-    if any(d % width for d in w_gkn.shape[1:]):
-        return f"expert widths {tuple(w_gkn.shape[1:])} are not multiples of {width}"
-    return None
+    # Same device and dtype needs as jax's kernels; widths in whole 2-warpgroup tiles.
+    return grouped_matmul.unsupported_reason(w_gkn, width=2 * FORWARD.tile_n)

@@ -26,8 +26,11 @@ WEIGHT_GRAD_TILES = dict(
 )
 
 
-def unsupported_reason(w_emh: jax.Array | None = None) -> str | None:
-    """None where the kernels can run (on weights w [G, M, H] if given), else why not."""
+def unsupported_reason(w_emh: jax.Array | None = None, width: int | None = None) -> str | None:
+    """None where the kernels can run (on weights w [G, M, H] if given), else why not.
+
+    width: what the expert widths must be multiples of (default: these kernels' tiles).
+    """
     try:
         device = jax.devices()[0]
         if device.platform != "gpu":
@@ -44,7 +47,7 @@ def unsupported_reason(w_emh: jax.Array | None = None) -> str | None:
     if w_emh is not None:
         if w_emh.dtype not in (jnp.bfloat16, jnp.float16):
             return f"the expert weights are {w_emh.dtype}, the kernels take bfloat16/float16"
-        tile = max(FORWARD_TILES["block_n"], WEIGHT_GRAD_TILES["block_m"])
+        tile = width or max(FORWARD_TILES["block_n"], WEIGHT_GRAD_TILES["block_m"])
         if any(d % tile for d in w_emh.shape[1:]):
             return f"expert widths {tuple(w_emh.shape[1:])} are not multiples of {tile}"
     return None

@@ -89,8 +89,12 @@ class Embed(nn.Module):
         x_btm = jnp.take(self.embedding, ids_bt, axis=0).astype(self.dtype)
         return constrain(x_btm, ("batch", "length", "embed"))
 
-    def attend(self, x_btm: jax.Array) -> jax.Array:
-        logits_btv = jnp.einsum("btm,vm->btv", x_btm, self.embedding.astype(self.dtype))
+    def attend(self, x_btm: jax.Array, scale: float = 1.0) -> jax.Array:
+        """Logits x @ embedding^T * scale. The scale multiplies the [V, M] table as it is cast,
+        not the [B, T, V] logits, so no logits-sized element-wise op is left for XLA to place
+        (on the H100 MoE step this measured within run-to-run spread, docs/performance.md)."""
+        table_vm = self.embedding if scale == 1.0 else self.embedding * scale
+        logits_btv = jnp.einsum("btm,vm->btv", x_btm, table_vm.astype(self.dtype))
         return constrain(logits_btv, ("batch", "length", "vocab"))
 
 

@@ -225,9 +225,8 @@ class Transformer(nn.Module):
             x_btm
         )
         if mc.tie_embeddings:
-            logits_btv = embed.attend(x_btm)
-            if mc.logits_via_embedding_scale:
-                logits_btv = logits_btv / jnp.sqrt(mc.embed_dim).astype(logits_btv.dtype)
+            scale = mc.embed_dim**-0.5 if mc.logits_via_embedding_scale else 1.0
+            logits_btv = embed.attend(x_btm, scale)
         else:
             w_mv = param_with_axes(
                 self,

@@ -105,13 +105,18 @@ class Experts:
             h_egch = self.hidden_fn(h_egch)
         return jnp.einsum("egch,ehm->egcm", h_egch, self.wo)
 
-    def ragged(self, x_nm: jax.Array, matmul: Callable) -> jax.Array:
+    def ragged(
+        self, x_nm: jax.Array, matmul: Callable, glu_matmul: Callable | None = None
+    ) -> jax.Array:
         """Rows of x sorted by expert through their expert; matmul(x [N, K], w [E, K, H])
-        knows which rows belong to which expert (a grouped matmul)."""
-        act = activation_fn(self.activation)
-        h_nh = act(matmul(x_nm, self.wi_0))
-        if self.wi_1 is not None:
-            h_nh = h_nh * matmul(x_nm, self.wi_1)
+        knows which rows belong to which expert (a grouped matmul). glu_matmul(x, wi_0, wi_1),
+        if given, computes a gated FFN's act(x wi_0) * (x wi_1) in one go."""
+        if self.wi_1 is not None and glu_matmul is not None:
+            h_nh = glu_matmul(x_nm, self.wi_0, self.wi_1)
+        else:
+            h_nh = activation_fn(self.activation)(matmul(x_nm, self.wi_0))
+            if self.wi_1 is not None:
+                h_nh = h_nh * matmul(x_nm, self.wi_1)
         if self.hidden_fn is not None:
             h_nh = self.hidden_fn(h_nh)
         return matmul(h_nh, self.wo)
@@ -242,12 +247,21 @@ def sort_dispatch(
 
 
 def dropless_dispatch(
-    x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts: Experts, matmul="xla"
+    x_gtm,
+    expert_index_gtk,
+    weights_gtk,
+    dispatch_mask_gtk,
+    experts: Experts,
+    matmul="xla",
+    fused_glu: bool = True,
 ):
-    """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul."""
+    """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul.
+
+    fused_glu: with 'blocked', a gated FFN's two input matmuls and activation are one kernel.
+    """
     matmul = resolve_ragged_matmul(matmul, experts)
     if matmul == "blocked":
-        from glam_jax.kernels import block_grouped_matmul
+        from glam_jax.kernels import block_grouped_matmul as bg
 
         return dropless_blocked_dispatch(
             x_gtm,
@@ -255,7 +269,8 @@ def dropless_dispatch(
             weights_gtk,
             dispatch_mask_gtk,
             experts,
-            block_grouped_matmul.block_matmul,
+            bg.block_matmul,
+            bg.glu_block_matmul if fused_glu else None,
         )
     g, t, m = x_gtm.shape
     e, k = experts.num_experts, expert_index_gtk.shape[-1]
@@ -271,12 +286,20 @@ def dropless_dispatch(
 
 
 def dropless_blocked_dispatch(
-    x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts: Experts, block_matmul
+    x_gtm,
+    expert_index_gtk,
+    weights_gtk,
+    dispatch_mask_gtk,
+    experts: Experts,
+    block_matmul,
+    glu_block_matmul=None,
 ):
     """Dropless through a buffer where each expert's rows fill whole row tiles (zero-padded).
 
     block_matmul(x [R, K], w [E, K, N], layout) is the Hopper kernel or its XLA twin
-    (glam_jax.kernels.block_grouped_matmul); moving rows in and out are gathers both ways.
+    (glam_jax.kernels.block_grouped_matmul), and so is glu_block_matmul(x, w, layout,
+    activation) for gated experts (None: two block_matmuls); moving rows in and out are
+    gathers both ways.
     """
     from glam_jax.kernels import block_grouped_matmul
 
@@ -286,7 +309,13 @@ def dropless_blocked_dispatch(
     layout = block_grouped_matmul.block_layout(expert_index_gtk.reshape(p), e)
     token_r = jnp.where(layout.row_pair < p, layout.row_pair // k, n)  # n: a zero row
     xs_rm = gather_rows(x_gtm.reshape(n, m), token_r, layout.pair_row.reshape(n, k))
-    ys_rm = experts.ragged(xs_rm, lambda x, w: block_matmul(x, w, layout))
+    glu = None
+    if glu_block_matmul is not None:
+
+        def glu(x, w0, w1):
+            return glu_block_matmul(x, w0, w1, layout, experts.activation)
+
+    ys_rm = experts.ragged(xs_rm, lambda x, w: block_matmul(x, w, layout), glu)
     y_pm = gather_rows(ys_rm, layout.pair_row, layout.row_pair[:, None])
     return _combine_pairs(y_pm, weights_gtk, dispatch_mask_gtk)
 

@@ -121,6 +121,7 @@ class MoE(nn.Module):
                     mask_gtk,
                     experts,
                     moe.ragged_matmul,
+                    moe.fused_glu,
                 )
                 kept_gtk = mask_gtk
             else:

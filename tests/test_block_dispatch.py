@@ -8,6 +8,8 @@ the rows of unused tiles undefined (NaN here).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +86,20 @@ def _tile_matmul_stand_in(x, w, tile_expert, num_used_tiles, *, transpose_w=Fals
     return _nan_unused(y, tile_expert, e)
 
 
+def _glu_matmul_stand_in(x, w0, w1, tile_expert, num_used_tiles, activation):
+    gate = _tile_matmul_stand_in(x, w0, tile_expert, num_used_tiles)
+    up = _tile_matmul_stand_in(x, w1, tile_expert, num_used_tiles)
+    return gate, up, bg.EPILOGUE_ACTIVATIONS[activation](gate) * up
+
+
+def _glu_input_grad_stand_in(d_gate, d_up, w0, w1, tile_expert, num_used_tiles):
+    tm = functools.partial(_tile_matmul_stand_in, transpose_w=True)
+    return tm(d_gate, w0, tile_expert, num_used_tiles) + tm(d_up, w1, tile_expert, num_used_tiles)
+
+
 def _weight_grad_stand_in(x, dy, expert_start, expert_blocks):
+    if isinstance(dy, tuple):  # (d_gate, d_up) of a gated FFN
+        return tuple(_weight_grad_stand_in(x, d, expert_start, expert_blocks) for d in dy)
     rows = jnp.arange(x.shape[0])[:, None]
     end = expert_start + expert_blocks * bg.WEIGHT_GRAD.tile_k
     owner = (rows >= expert_start[None]) & (rows < end[None])  # [R, E]
@@ -92,11 +107,18 @@ def _weight_grad_stand_in(x, dy, expert_start, expert_blocks):
     return jnp.einsum("rek,rn->ekn", xe, jnp.where(owner.any(1)[:, None], dy, 0.0))
 
 
-def test_block_matmul_vjp_matches_ragged_dot(monkeypatch):
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """The kernels replaced by their XLA stand-ins above."""
+    monkeypatch.setattr(bg, "tile_matmul", _tile_matmul_stand_in)
+    monkeypatch.setattr(bg, "glu_matmul", _glu_matmul_stand_in)
+    monkeypatch.setattr(bg, "glu_input_grad", _glu_input_grad_stand_in)
+    monkeypatch.setattr(bg, "expert_weight_grad", _weight_grad_stand_in)
+
+
+def test_block_matmul_vjp_matches_ragged_dot(stand_ins):
     """block_matmul's custom VJP (kernels replaced by XLA stand-ins that leave NaN in unused
     tiles) gives block_matmul_xla's values and gradients, with no NaN escaping."""
-    monkeypatch.setattr(bg, "tile_matmul", _tile_matmul_stand_in)
-    monkeypatch.setattr(bg, "expert_weight_grad", _weight_grad_stand_in)
     e, kdim, n = 3, 8, 5
     rng = np.random.default_rng(2)
     expert_p = jnp.asarray(np.concatenate([np.zeros(130), np.full(7, 2)]), jnp.int32)
@@ -116,6 +138,81 @@ def test_block_matmul_vjp_matches_ragged_dot(monkeypatch):
         assert np.isfinite(np.asarray(a)).all()
         close(a, b, rtol=1e-4, atol=1e-4)
     assert float(jnp.abs(got[1][1]).max()) == 0.0  # expert 1 has no rows: zero gradient
+
+
+@pytest.mark.parametrize("name", sorted(bg.EPILOGUE_ACTIVATIONS))
+def test_epilogue_activations_equal_the_model_activations(name):
+    from glam_jax.layers import activation_fn
+
+    x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
+    close(bg.EPILOGUE_ACTIVATIONS[name](x), activation_fn(name)(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_glu_block_matmul_vjp_matches_two_ragged_dots(stand_ins, activation):
+    """glu_block_matmul (one kernel for both gated matmuls, the activation in its epilogue;
+    stand-ins leave NaN in unused tiles) gives act(x w0) * (x w1) through ragged_dot, and the
+    same gradients for x, w0 and w1, with no NaN escaping."""
+    e, kdim, h = 3, 8, bg.GLU_UNITS
+    rng = np.random.default_rng(3)
+    expert_p = jnp.asarray(np.concatenate([np.zeros(130), np.full(7, 2)]), jnp.int32)
+    lay = bg.block_layout(expert_p, e)
+    real = jnp.asarray(lay.row_pair < expert_p.size)[:, None]
+    x = jnp.where(real, jnp.asarray(rng.normal(size=(lay.rows, kdim)), jnp.float32), 0.0)
+    w0, w1 = (jnp.asarray(rng.normal(size=(e, kdim, h)), jnp.float32) for _ in range(2))
+    used = jnp.arange(lay.rows)[:, None] < lay.num_used_tiles * B
+    ct = jnp.where(used, jnp.asarray(rng.normal(size=(lay.rows, h)), jnp.float32), 0.0)
+
+    def ours(x, w0, w1):
+        h_rh = bg.glu_block_matmul(x, w0, w1, lay, activation)
+        return jnp.sum(jnp.where(used, h_rh, 0.0) * ct)  # unused rows are undefined
+
+    def ref(x, w0, w1):
+        from glam_jax.layers import activation_fn
+
+        g_rh, u_rh = bg.block_matmul_xla(x, w0, lay), bg.block_matmul_xla(x, w1, lay)
+        return jnp.sum(activation_fn(activation)(g_rh) * u_rh * ct)
+
+    close(ours(x, w0, w1), ref(x, w0, w1), rtol=1e-5, atol=1e-4)
+    h_xla = bg.glu_block_matmul_xla(x, w0, w1, lay, activation)
+    close(jnp.sum(h_xla * ct), ref(x, w0, w1), rtol=1e-5, atol=1e-4)
+    got = jax.grad(ours, (0, 1, 2))(x, w0, w1)
+    want = jax.grad(ref, (0, 1, 2))(x, w0, w1)
+    for a, b in zip(got, want, strict=True):
+        assert np.isfinite(np.asarray(a)).all()
+        close(a, b, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(got[1][0]).max()) > 0 and float(jnp.abs(got[2][1]).max()) == 0.0
+
+
+def test_fused_glu_dispatch_equals_unfused():
+    """dropless_blocked_dispatch with the fused gated matmul (XLA twins) equals two matmuls
+    and an activation: outputs and gradients of x and all three expert weights."""
+    from tests.test_dispatch import random_choices
+
+    g, t, k, e, m, h = 2, 80, 2, 4, 16, bg.GLU_UNITS
+    rng = np.random.default_rng(9)
+    w = {
+        n: jnp.asarray(rng.normal(size=s) / np.sqrt(s[1]), jnp.float32)
+        for n, s in (("wi_0", (e, m, h)), ("wi_1", (e, m, h)), ("wo", (e, h, m)))
+    }
+    idx, cw, mask = (jnp.asarray(a) for a in random_choices(5, g, t, k, e, dispatch_prob=0.7))
+    x = jnp.asarray(rng.normal(size=(g, t, m)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(g, t, m)), jnp.float32)
+
+    def loss(glu):
+        def f(x, w):
+            experts = dispatch.Experts(**w, activation="gelu")
+            y = dispatch.dropless_blocked_dispatch(
+                x, idx, cw, mask, experts, bg.block_matmul_xla, glu
+            )
+            return jnp.sum(y * ct)
+
+        return jax.jit(jax.value_and_grad(f, (0, 1)))
+
+    (v_fused, g_fused), (v_two, g_two) = loss(bg.glu_block_matmul_xla)(x, w), loss(None)(x, w)
+    close(v_fused, v_two, rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_two), strict=True):
+        close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_blocked_choice_says_why_it_cannot_run_on_cpu():

@@ -94,6 +94,17 @@ def test_auto_grouped_matmul_uses_the_kernel_only_where_it_fits():
     assert dispatch.resolve_ragged_matmul("auto", experts(jnp.bfloat16, 32, 64)) == "xla"
 
 
+def _padded_rows(bg, k, e):
+    """A block layout of pairs for e=6 experts (one empty, one of exactly a tile, one of a single
+    row) and random bf16 rows [R, k] in it, zero in padding and unused rows."""
+    sizes = np.array([300, 0, 128, 1, 700, 207])
+    expert_p = jnp.asarray(np.repeat(np.arange(e), sizes)[np.random.permutation(sizes.sum())])
+    lay = jax.jit(bg.block_layout, static_argnums=1)(expert_p, e)
+    real = (lay.row_pair < expert_p.size)[:, None]
+    x = jax.random.normal(jax.random.PRNGKey(5), (lay.rows, k), jnp.bfloat16)
+    return lay, jnp.where(real, x, 0)
+
+
 def test_block_grouped_matmul_kernels_match_ragged_dot_with_gradients():
     """The block-aligned Hopper kernels (forward, input and weight gradient) against XLA's
     ragged_dot on the same padded layout, with an empty expert and one of exactly a tile."""
@@ -102,12 +113,8 @@ def test_block_grouped_matmul_kernels_match_ragged_dot_with_gradients():
     if bg.unsupported_reason() is not None:
         pytest.skip(bg.unsupported_reason())
     k, n, e = 256, 512, 6
-    sizes = np.array([300, 0, 128, 1, 700, 207])
-    expert_p = jnp.asarray(np.repeat(np.arange(e), sizes)[np.random.permutation(sizes.sum())])
-    lay = jax.jit(bg.block_layout, static_argnums=1)(expert_p, e)
+    lay, x = _padded_rows(bg, k, e)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    real = (lay.row_pair < expert_p.size)[:, None]
-    x = jnp.where(real, jax.random.normal(keys[0], (lay.rows, k), jnp.bfloat16), 0)
     w = jax.random.normal(keys[1], (e, k, n), jnp.bfloat16) * 0.1
     ct = jax.random.normal(keys[2], (lay.rows, n), jnp.float32)
 
@@ -126,8 +133,47 @@ def test_block_grouped_matmul_kernels_match_ragged_dot_with_gradients():
     assert float(jnp.abs(got[1][1]).max()) == 0.0  # the empty expert
 
 
-def test_moe_layer_blocked_equals_xla_dropless():
-    """The MoE module with moe.ragged_matmul='blocked' vs 'xla': outputs and gradients."""
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_glu_kernel_matches_two_ragged_dots_with_gradients(activation):
+    """The forward kernel with the GLU epilogue (x @ [gate | up], act(gate) * up from the f32
+    accumulator) and its VJP against ragged_dot on the same layout."""
+    from glam_jax.kernels import block_grouped_matmul as bg
+
+    if bg.unsupported_reason() is not None:
+        pytest.skip(bg.unsupported_reason())
+    k, h, e = 256, 512, 6
+    lay, x = _padded_rows(bg, k, e)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    w0, w1 = (jax.random.normal(kk, (e, k, h), jnp.bfloat16) * 0.1 for kk in keys[1:3])
+    used = jnp.arange(lay.rows)[:, None] < lay.num_used_tiles * bg.BLOCK_ROWS
+    ct = jnp.where(used, jax.random.normal(keys[3], (lay.rows, h), jnp.float32), 0.0)
+
+    def loss(f):
+        def run(x, w0, w1):
+            h_rh = f(x, w0, w1, lay, activation).astype(jnp.float32)
+            return jnp.sum(jnp.where(used, h_rh, 0.0) * ct)  # unused rows are undefined
+
+        return jax.jit(jax.value_and_grad(run, (0, 1, 2)))
+
+    out = jax.jit(bg.glu_block_matmul, static_argnums=4)(x, w0, w1, lay, activation)
+    ref = jax.jit(bg.glu_block_matmul_xla, static_argnums=4)(x, w0, w1, lay, activation)
+    out, ref = np.asarray(out, np.float32)[np.asarray(used[:, 0])], np.asarray(ref, np.float32)
+    np.testing.assert_allclose(out, ref[: out.shape[0]], atol=0.05, rtol=0.02)
+    (_, got), (_, want) = (
+        loss(bg.glu_block_matmul)(x, w0, w1),
+        loss(bg.glu_block_matmul_xla)(x, w0, w1),
+    )
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.isfinite(a).all()
+        assert np.max(np.abs(a - b)) <= 0.02 * np.max(np.abs(b)) + 0.1
+    assert float(jnp.abs(got[1][1]).max()) == 0.0  # the empty expert
+
+
+@pytest.mark.parametrize("fused_glu", [True, False])
+def test_moe_layer_blocked_equals_xla_dropless(fused_glu):
+    """The MoE module with moe.ragged_matmul='blocked' (the gated matmuls fused into one kernel
+    or not) vs 'xla': outputs and gradients."""
     from configs.glam_tiny import get_config
     from glam_jax.model import frozen
     from glam_jax.moe import MoE
@@ -136,6 +182,7 @@ def test_moe_layer_blocked_equals_xla_dropless():
         c = get_config()
         c.model.update(dtype="bfloat16", param_dtype="bfloat16", embed_dim=256, mlp_dim=512)
         c.moe.update(num_experts=8, dispatch="dropless", ragged_matmul=name, group_size=256)
+        c.moe.fused_glu = fused_glu
         return frozen(c)
 
     cfgs = {name: config(name) for name in ("blocked", "xla")}

@@ -6,7 +6,8 @@ Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, `:moe+mesh=1x4x
 (expert parallelism over 4 GPUs, 8 rows per GPU), `:moe+experts=64+layers=4`,
 `:dense+docmask` (segment mask given to attention), `:moe+policy=none` (a REMAT_POLICIES name),
 `:moe+group=512`, `:moe+unrolled` (model.scan_layers=False), `:moe+opt=adafactor`,
-`:moe+dispatch=dropless+gmm=mgpu` (moe.ragged_matmul), ...
+`:moe+dispatch=dropless+gmm=mgpu` (moe.ragged_matmul), `:moe+dispatch=dropless+glu=unfused`
+(moe.fused_glu off), ...
 
 The defaults are the fastest settings measured on an H200 (docs/performance.md): remat policy
 `dots` (every matmul output saved, so neither dense nor expert GEMMs run twice), routing
@@ -30,6 +31,7 @@ VALUE_PARSERS = {
     "exchange": str,
     "opt": str,  # adamw (the stock-JAX reference's) or adafactor (GLaM's)
     "gmm": str,  # moe.ragged_matmul of dropless: auto, blocked, mgpu, xla
+    "glu": str,  # fused (moe.fused_glu, the default) or unfused
 }
 SWITCHES = ("docmask", "unrolled")  # bare words that turn an option on
 
@@ -51,6 +53,7 @@ def parse_variant(arg: str | None) -> dict:
         "unrolled": False,
         "opt": "adamw",
         "gmm": "auto",
+        "glu": "fused",
     }
     for part in (arg or "").split("+"):
         if not part:
@@ -65,6 +68,8 @@ def parse_variant(arg: str | None) -> dict:
         else:
             valid = ", ".join([*SWITCHES, *(f"{k}=" for k in VALUE_PARSERS)])
             raise ValueError(f"unknown bench variant {part!r}; use moe|dense, {valid}.")
+    if variant["glu"] not in ("fused", "unfused"):
+        raise ValueError(f"bench variant glu={variant['glu']!r} is not 'fused' or 'unfused'.")
     if variant["kind"] not in ("moe", "dense"):
         raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
     return variant
@@ -87,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.moe.dispatch = variant["dispatch"]
     config.moe.expert_exchange = variant["exchange"]
     config.moe.ragged_matmul = variant["gmm"]
+    config.moe.fused_glu = variant["glu"] == "fused"
     config.moe.group_size = variant["group"]
     config.train.batch_size = variant["batch"]
     config.train.eval_batch_size = variant["batch"]

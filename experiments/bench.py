@@ -39,7 +39,8 @@ _CF = flags.DEFINE_float("capacity_factor", 1.25, "MoE/FFN benchmark: capacity f
 _DISPATCHES = flags.DEFINE_list(
     "dispatches",
     ["einsum", "sort", "dropless"],
-    "MoE/FFN benchmark: paths to time; 'dropless/NAME' sets moe.ragged_matmul=NAME.",
+    "MoE/FFN benchmark: paths to time; 'dropless/NAME' sets moe.ragged_matmul=NAME, and "
+    "'dropless/blocked-unfused' also moe.fused_glu=False.",
 )
 _STEP_CONFIGS = flags.DEFINE_list(
     "step_configs",
@@ -102,8 +103,12 @@ def bench_moe() -> list[dict]:
     timed(dense, "dense", shape)
     for label in _DISPATCHES.value:
         path, _, matmul = label.partition("/")
+        matmul, _, option = matmul.partition("-")
+        if option not in ("", "unfused"):
+            raise ValueError(f"--dispatches entry {label!r}: the only suffix is '-unfused'.")
         config = get_base_config()
         config.moe.ragged_matmul = matmul or "auto"
+        config.moe.fused_glu = option != "unfused"
         config.model.dtype = "bfloat16"
         config.model.param_dtype = _PARAM_DTYPE.value
         config.model.embed_dim, config.model.mlp_dim = m, h

@@ -75,7 +75,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.ragged_matmul = "auto"  # dropless grouped matmul: 'auto' (fastest that runs here),
     # 'blocked' (Hopper kernels, experts padded to 128-row tiles), 'mgpu' (jax's ragged
     # Hopper kernels), 'xla' (lax.ragged_dot; XLA:GPU lowers it to a dense masked dot)
-    e.fused_glu = True  # 'blocked', gated experts: one kernel computes x @ [gate | up] and
+    e.fused_glu = True  # 'blocked', gated experts: one kernel computes x @ wi_0, x @ wi_1 and
     # act(gate) * up in its epilogue; False: two kernels and an element-wise pass (A/B runs)
     e.decode_dispatch = "dropless"  # MoE dispatch when decoding, never dropping: 'dropless',
     # or 'einsum' / 'sort' with capacity = every token of the group (glam_jax/decode.py)

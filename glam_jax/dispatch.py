@@ -297,7 +297,7 @@ def dropless_blocked_dispatch(
     """Dropless through a buffer where each expert's rows fill whole row tiles (zero-padded).
 
     block_matmul(x [R, K], w [E, K, N], layout) is the Hopper kernel or its XLA twin
-    (glam_jax.kernels.block_grouped_matmul), and so is glu_block_matmul(x, w, layout,
+    (glam_jax.kernels.block_grouped_matmul), and so is glu_block_matmul(x, w0, w1, layout,
     activation) for gated experts (None: two block_matmuls); moving rows in and out are
     gathers both ways.
     """

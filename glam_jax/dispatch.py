@@ -257,21 +257,35 @@ def dropless_dispatch(
 ):
     """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul.
 
+    On a mesh each device does this for its own routing groups (sharding.per_shard_dropless).
     fused_glu: with 'blocked', a gated FFN's two input matmuls and activation are one kernel.
     """
-    matmul = resolve_ragged_matmul(matmul, experts)
-    if matmul == "blocked":
-        from glam_jax.kernels import block_grouped_matmul as bg
 
-        return dropless_blocked_dispatch(
-            x_gtm,
-            expert_index_gtk,
-            weights_gtk,
-            dispatch_mask_gtk,
-            experts,
-            bg.block_matmul,
-            bg.glu_block_matmul if fused_glu else None,
+    def local(x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts):
+        name = resolve_ragged_matmul(matmul, experts)  # on the per-device expert shapes
+        if name == "blocked":
+            from glam_jax.kernels import block_grouped_matmul as bg
+
+            return dropless_blocked_dispatch(
+                x_gtm,
+                expert_index_gtk,
+                weights_gtk,
+                dispatch_mask_gtk,
+                experts,
+                bg.block_matmul,
+                bg.glu_block_matmul if fused_glu else None,
+            )
+        return _dropless_sorted(
+            x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts, name
         )
+
+    return sharding.per_shard_dropless(
+        local, x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts
+    )
+
+
+def _dropless_sorted(x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts, matmul):
+    """Pairs sorted by expert (unpadded groups) through RAGGED_MATMULS[matmul]."""
     g, t, m = x_gtm.shape
     e, k = experts.num_experts, expert_index_gtk.shape[-1]
     x_nm = x_gtm.reshape(g * t, m)

@@ -185,3 +185,51 @@ def expert_all_to_all(fn, x_egcm: jax.Array, experts):
     return jax.shard_map(body, mesh=mesh, in_specs=(groups, specs), out_specs=groups)(
         x_egcm, experts
     )
+
+
+def per_shard_dropless(fn, x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts):
+    """Dropless MoE where every device routes and computes only its own routing groups.
+
+    fn(x, expert_index, weights, mask, experts) is the single-device dropless layer. Written
+    for the whole mesh, its global sort and gathers would make XLA's partitioner gather every
+    token onto every device and run all of them there (and a Pallas grouped-matmul kernel has
+    no partitioning rule at all). Dropless routing couples no tokens, so each device runs fn
+    on its groups, with the expert weights all-gathered over `expert` (their gradients are
+    reduce-scattered back) and partial outputs summed over the axis of `mlp` when experts are
+    tensor-parallel. Outside a mesh, or on one device, fn runs as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts)
+    expert_axis = nn.logical_to_mesh_axes(("expert",), LOGICAL_RULES)[0]
+    mlp_axis = nn.logical_to_mesh_axes(("mlp",), LOGICAL_RULES)[0]
+    groups = logical_to_spec(("group", None, None))
+    w_in = logical_to_spec(("expert", "embed", "mlp"))
+    specs = experts.replace(
+        wi_0=w_in,
+        wi_1=None if experts.wi_1 is None else w_in,
+        wo=logical_to_spec(("expert", "mlp", "embed")),
+    )
+
+    gather_experts = mesh.shape[expert_axis] > 1
+    sum_hidden = mlp_axis is not None and mesh.shape[mlp_axis] > 1
+
+    def body(x, index, weights, mask, local):
+        if gather_experts:
+            gather = lambda w: jax.lax.all_gather(w, expert_axis, axis=0, tiled=True)  # noqa: E731
+            local = local.replace(
+                wi_0=gather(local.wi_0),
+                wi_1=None if local.wi_1 is None else gather(local.wi_1),
+                wo=gather(local.wo),
+            )
+        y = fn(x, index, weights, mask, local)
+        return jax.lax.psum(y, mlp_axis) if sum_hidden else y
+
+    # check_vma off: the Pallas kernels fn may call carry no varying-axes rules.
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(groups, groups, groups, groups, specs),
+        out_specs=groups,
+        check_vma=False,
+    )(x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts)

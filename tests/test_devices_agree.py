@@ -1,7 +1,10 @@
 """One jitted forward+backward gives the same loss and gradients on 1 device and on 8."""
 
+import re
+
 import jax
 import numpy as np
+import pytest
 
 from glam_jax import optim, sharding, steps
 from tests.helpers import random_batch, tiny_config
@@ -17,8 +20,9 @@ def _one_step(config, mesh_shape):
     return jax.device_get(metrics), jax.device_get(state.params)
 
 
-def test_loss_and_update_match_on_1_and_8_devices():
-    config = tiny_config()
+@pytest.mark.parametrize("dispatch", ["einsum", "dropless"])
+def test_loss_and_update_match_on_1_and_8_devices(dispatch):
+    config = tiny_config(dispatch=dispatch)
     m1, p1 = _one_step(config, (1, 1, 1))
     m8, p8 = _one_step(config, (2, 4, 1))
     assert abs(float(m1["loss"]) - float(m8["loss"])) < 1e-5
@@ -29,9 +33,34 @@ def test_loss_and_update_match_on_1_and_8_devices():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_model_parallel_axis_gives_the_same_loss():
+@pytest.mark.parametrize("dispatch", ["einsum", "dropless"])
+def test_model_parallel_axis_gives_the_same_loss(dispatch):
     """Tensor parallelism over `model` (heads, mlp, vocab split) does not change the maths."""
-    config = tiny_config()
+    config = tiny_config(dispatch=dispatch)
     m1, _ = _one_step(config, (1, 1, 1))
     m_tp, _ = _one_step(config, (2, 2, 2))
     assert abs(float(m1["loss"]) - float(m_tp["loss"])) < 1e-5
+
+
+def _all_gathers(config, mesh_shape) -> list[str]:
+    """Result shapes of the all-gathers in the compiled train step on this mesh."""
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+    state, shardings = steps.create_train_state(config, model, tx, mesh)
+    train_step = steps.make_train_step(config, model, tx, mesh, shardings)
+    hlo = train_step.lower(state, steps.global_batch(random_batch(config), mesh)).compile()
+    return re.findall(r"= (\S+) all-gather(?:-start)?\(", hlo.as_text())
+
+
+def test_dropless_routes_each_devices_tokens_on_that_device():
+    """dropless on a mesh runs per device (sharding.per_shard_dropless): pure data parallelism
+    gathers nothing, and with experts split over `expert` only their weights are gathered.
+    (Left to XLA's partitioner, the global sort gathered every token's expert index and
+    all-reduced [pairs, M] token rows onto every device.)"""
+    config = tiny_config(dispatch="dropless")
+    assert _all_gathers(config, (8, 1, 1)) == []
+    e, m, h = config.moe.num_experts, config.model.embed_dim, config.model.mlp_dim
+    weights = {f"f32[{e},{m},{h}]", f"f32[{e},{h},{m}]"}  # wi_0 / wi_1 and wo, whole
+    gathered = _all_gathers(config, (2, 4, 1))
+    assert gathered and set(g.split("{")[0] for g in gathered) <= weights, gathered

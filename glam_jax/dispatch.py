@@ -86,7 +86,8 @@ class Experts:
     wi_1: jax.Array | None  # [E, M, H] (None: non-gated FFN)
     wo: jax.Array  # [E, H, M]
     activation: str = struct.field(pytree_node=False, default="gelu")
-    hidden_fn: Callable | None = struct.field(pytree_node=False, default=None)  # expert dropout
+    # expert dropout: hidden_fn(h, salt=0), salt set per device where h is one device's share
+    hidden_fn: Callable | None = struct.field(pytree_node=False, default=None)
     exchange: str = struct.field(pytree_node=False, default="gspmd")  # see EXCHANGES
 
     @property

@@ -169,8 +169,8 @@ class MoE(nn.Module):
             return None
         rng = self.make_rng("dropout")
 
-        def drop(h):
-            keep = jax.random.bernoulli(rng, 1.0 - rate, h.shape)
+        def drop(h, salt=0):  # salt: the device index where h is one device's share
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, salt), 1.0 - rate, h.shape)
             return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
 
         return drop

@@ -11,6 +11,7 @@ d holds the same expert indices in every layer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -176,6 +177,7 @@ def expert_all_to_all(fn, x_egcm: jax.Array, experts):
     )
 
     def body(x_local, experts_local):
+        experts_local = _salt_per_device(experts_local)
         x_local = jax.lax.all_to_all(x_local, expert_axis, 0, 1, tiled=True)
         y_local = fn(x_local, experts_local)
         if mlp_axis is not None:  # partial sums over the hidden width (a no-op at size 1)
@@ -215,6 +217,7 @@ def per_shard_dropless(fn, x_gtm, expert_index_gtk, weights_gtk, mask_gtk, exper
     sum_hidden = mlp_axis is not None and mesh.shape[mlp_axis] > 1
 
     def body(x, index, weights, mask, local):
+        local = _salt_per_device(local)
         if gather_experts:
             gather = lambda w: jax.lax.all_gather(w, expert_axis, axis=0, tiled=True)  # noqa: E731
             local = local.replace(
@@ -233,3 +236,12 @@ def per_shard_dropless(fn, x_gtm, expert_index_gtk, weights_gtk, mask_gtk, exper
         out_specs=groups,
         check_vma=False,
     )(x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts)
+
+
+def _salt_per_device(experts):
+    """Experts whose hidden_fn (expert dropout) draws its own mask on each device: inside a
+    shard_map every device would otherwise reuse one key, one mask pattern, for its rows."""
+    if experts.hidden_fn is None:
+        return experts
+    salt = jax.lax.axis_index(MESH_AXES)
+    return experts.replace(hidden_fn=functools.partial(experts.hidden_fn, salt=salt))

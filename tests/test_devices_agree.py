@@ -3,10 +3,13 @@
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from glam_jax import optim, sharding, steps
+from glam_jax.model import frozen
+from glam_jax.moe import MoE
 from tests.helpers import random_batch, tiny_config
 
 
@@ -64,3 +67,28 @@ def test_dropless_routes_each_devices_tokens_on_that_device():
     weights = {f"f32[{e},{m},{h}]", f"f32[{e},{h},{m}]"}  # wi_0 / wi_1 and wo, whole
     gathered = _all_gathers(config, (2, 4, 1))
     assert gathered and set(g.split("{")[0] for g in gathered) <= weights, gathered
+
+
+def test_expert_dropout_draws_its_own_mask_on_each_device():
+    """Two devices holding identical rows (deterministic top-k routing) give identical
+    dropless outputs without expert dropout, and different ones with it: inside
+    per_shard_dropless each device salts the dropout key with its index (with one key for
+    all, both would drop the same units)."""
+    mesh = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
+    row = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32))
+    x = jnp.concatenate([row, row])  # one routing group of 32 tokens per device
+
+    def outputs(rate):
+        config = tiny_config(router="topk_softmax", dispatch="dropless")
+        config.moe.expert_dropout = rate
+        module = MoE(frozen(config), train=True)
+        rngs = {n: jax.random.PRNGKey(i) for i, n in enumerate(("params", "routing", "dropout"))}
+        with sharding.use_mesh(mesh):
+            params = jax.jit(module.init)(rngs, x)
+            y, _ = jax.jit(module.apply)(params, x, rngs=rngs)
+        return np.asarray(y)
+
+    same = outputs(0.0)
+    np.testing.assert_array_equal(same[0], same[1])
+    dropped = outputs(0.5)
+    assert np.max(np.abs(dropped[0] - dropped[1])) > 0.2 * np.max(np.abs(dropped))

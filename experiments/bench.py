@@ -166,7 +166,6 @@ def bench_gmm() -> list[dict]:
     # the same rows in the padded layout (zero rows for padding)
     xb, dyb = (jnp.take(a, lay.row_pair, axis=0, mode="fill", fill_value=0) for a in (x, dy))
     tiles_used = lay.num_used_tiles
-    blocks = lay.padded_sizes // bg.WEIGHT_GRAD.tile_k
     cases = {
         ("forward", "cublas"): (lambda a, b: a @ b, (x, w[0])),
         ("forward", "mgpu"): (lambda a, b: gmm._ragged(a, b, sizes), (x, w)),
@@ -186,7 +185,7 @@ def bench_gmm() -> list[dict]:
         ("weight_grad", "cublas"): (lambda a, b: a.T @ b, (x, dy)),
         ("weight_grad", "mgpu"): (lambda a, b: gmm._weight_grad(a, b, sizes), (x, dy)),
         ("weight_grad", "blocked"): (
-            lambda a, b: bg.expert_weight_grad(a, b, lay.expert_start, blocks),
+            lambda a, b: bg.expert_weight_grad(a, b, lay.expert_start, lay.weight_grad_blocks),
             (xb, dyb),
         ),
     }

@@ -169,12 +169,7 @@ def expert_all_to_all(fn, x_egcm: jax.Array, experts):
         return fn(x_egcm, experts)
     mlp_axis = nn.logical_to_mesh_axes(("mlp",), LOGICAL_RULES)[0]
     groups = logical_to_spec((None, "group", None, None))
-    w_in = logical_to_spec(("expert", "embed", "mlp"))
-    specs = experts.replace(
-        wi_0=w_in,
-        wi_1=None if experts.wi_1 is None else w_in,
-        wo=logical_to_spec(("expert", "mlp", "embed")),
-    )
+    specs = _expert_weight_specs(experts)
 
     def body(x_local, experts_local):
         experts_local = _salt_per_device(experts_local)
@@ -206,12 +201,7 @@ def per_shard_dropless(fn, x_gtm, expert_index_gtk, weights_gtk, mask_gtk, exper
     expert_axis = nn.logical_to_mesh_axes(("expert",), LOGICAL_RULES)[0]
     mlp_axis = nn.logical_to_mesh_axes(("mlp",), LOGICAL_RULES)[0]
     groups = logical_to_spec(("group", None, None))
-    w_in = logical_to_spec(("expert", "embed", "mlp"))
-    specs = experts.replace(
-        wi_0=w_in,
-        wi_1=None if experts.wi_1 is None else w_in,
-        wo=logical_to_spec(("expert", "mlp", "embed")),
-    )
+    specs = _expert_weight_specs(experts)
 
     gather_experts = mesh.shape[expert_axis] > 1
     sum_hidden = mlp_axis is not None and mesh.shape[mlp_axis] > 1
@@ -236,6 +226,16 @@ def per_shard_dropless(fn, x_gtm, expert_index_gtk, weights_gtk, mask_gtk, exper
         out_specs=groups,
         check_vma=False,
     )(x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts)
+
+
+def _expert_weight_specs(experts):
+    """`experts` (a dispatch.Experts) with each weight replaced by its PartitionSpec."""
+    w_in = logical_to_spec(("expert", "embed", "mlp"))
+    return experts.replace(
+        wi_0=w_in,
+        wi_1=None if experts.wi_1 is None else w_in,
+        wo=logical_to_spec(("expert", "mlp", "embed")),
+    )
 
 
 def _salt_per_device(experts):

@@ -607,6 +607,11 @@ class BlockLayout:
     def rows(self) -> int:
         return self.row_pair.shape[0]
 
+    @property
+    def weight_grad_blocks(self) -> jax.Array:
+        """[E] each expert's rows in expert_weight_grad's pipeline steps (of WEIGHT_GRAD.tile_k)."""
+        return self.padded_sizes // WEIGHT_GRAD.tile_k
+
 
 def buffer_rows(num_pairs: int, num_experts: int) -> int:
     """Static buffer length: every pair plus the worst-case padding, in whole row tiles."""
@@ -664,8 +669,7 @@ def _block_matmul_bwd(residuals, dy_rn):
     x_rk, w_gkn, layout = residuals
     dy_rn = dy_rn.astype(x_rk.dtype)
     dx = tile_matmul(dy_rn, w_gkn, layout.tile_expert, layout.num_used_tiles, transpose_w=True)
-    blocks_e = layout.padded_sizes // WEIGHT_GRAD.tile_k
-    dw = expert_weight_grad(x_rk, dy_rn, layout.expert_start, blocks_e)
+    dw = expert_weight_grad(x_rk, dy_rn, layout.expert_start, layout.weight_grad_blocks)
     return _used_rows(dx, layout), dw.astype(w_gkn.dtype), None
 
 
@@ -709,8 +713,8 @@ def _glu_block_matmul_bwd(activation, residuals, dh_rh):
     d_gate, d_up = d_gate.astype(x_rk.dtype), (dh_rh * act_rh).astype(x_rk.dtype)
     used = (layout.tile_expert, layout.num_used_tiles)
     dx = glu_input_grad(d_gate, d_up, w0_gkh, w1_gkh, *used)
-    blocks_e = layout.padded_sizes // WEIGHT_GRAD.tile_k
-    dw0, dw1 = expert_weight_grad(x_rk, (d_gate, d_up), layout.expert_start, blocks_e)
+    d_gate_up = (d_gate, d_up)
+    dw0, dw1 = expert_weight_grad(x_rk, d_gate_up, layout.expert_start, layout.weight_grad_blocks)
     return _used_rows(dx, layout), dw0.astype(w0_gkh.dtype), dw1.astype(w1_gkh.dtype), None
 
 

@@ -126,6 +126,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     t.adafactor_clip_threshold = 1.0  # Adafactor update clipping (GLaM 1.0)
     t.grad_clip_norm = 1.0  # global-norm gradient clipping (0 disables)
     t.logits_z_loss_weight = 1e-4  # z-loss on the output logits (0 disables)
+    t.max_nonfinite_steps = 10  # consecutive steps with a non-finite loss or gradient norm
+    # (their updates are skipped) after which the run stops with an error
     t.log_every = 50  # steps between metric rows
     t.eval_every = 500  # steps between evaluations (0 = only at the end)
     t.eval_batches = 0  # batches per evaluation (0 = the whole validation split)

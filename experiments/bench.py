@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from experiments.bench_utils import (
     collective_counts,
@@ -26,7 +26,7 @@ from experiments.bench_utils import (
     time_fn,
     trace_kernels,
 )
-from glam_jax import gpu_defaults
+from glam_jax import cli, gpu_defaults
 
 _WHAT = flags.DEFINE_list("what", ["moe", "attention", "step", "compile"], "Benchmarks to run.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "MoE/FFN benchmark: tokens per call.")
@@ -441,4 +441,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     gpu_defaults.apply()
-    app.run(main)
+    cli.run(main)

@@ -13,10 +13,10 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from glam_jax import config_checks, gpu_defaults, routing, train
+from glam_jax import cli, config_checks, gpu_defaults, routing, train
 from glam_jax.metrics_writer import read_metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/glam_tiny.py", "Base config.")
@@ -148,4 +148,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    app.run(main)
+    cli.run(main)

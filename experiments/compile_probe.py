@@ -9,10 +9,10 @@ import json
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from glam_jax import gpu_defaults, optim, sharding, steps
+from glam_jax import cli, gpu_defaults, optim, sharding, steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
 _LAYERS = flags.DEFINE_list("layers", ["4", "8", "16", "32"], "Depths to compile.")
@@ -69,4 +69,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
     gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    app.run(main)
+    cli.run(main)

@@ -5,11 +5,10 @@ python experiments/eval.py --config=configs/glam_tiny.py --workdir=/tmp/glam_tin
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from glam_jax import gpu_defaults, train
-from glam_jax.errors import GlamError
+from glam_jax import cli, gpu_defaults, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config the checkpoint was trained with.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding checkpoints/.")
@@ -23,12 +22,9 @@ def main(argv) -> None:
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    try:
-        result = train.evaluate_checkpoint(
-            _CONFIG.value, _WORKDIR.value, step=_STEP.value, max_batches=_BATCHES.value
-        )
-    except GlamError as err:
-        raise SystemExit(f"error: {err}") from None
+    result = train.evaluate_checkpoint(
+        _CONFIG.value, _WORKDIR.value, step=_STEP.value, max_batches=_BATCHES.value
+    )
     if _JSON.value:
         print(json.dumps(result))
     else:
@@ -38,4 +34,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    app.run(main)
+    cli.run(main)

@@ -18,11 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from glam_jax import hf_checkpoint, pretrained, sharding
-from glam_jax.errors import GlamError
+from glam_jax import cli, hf_checkpoint, pretrained, sharding
 from glam_jax.model import Transformer, frozen
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A Mixtral-architecture config.")
@@ -37,19 +36,16 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv) -> None:
     del argv
     config = _CONFIG.value
-    try:
-        hf_checkpoint.check_mixtral(config)
-        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-        model = Transformer(frozen(config))
-        if _WORKDIR.value:
-            params, _ = pretrained.params_from_workdir(config, _WORKDIR.value, mesh)
-        else:
-            ids = jnp.zeros((1, 1), jnp.int32)
-            init = jax.jit(lambda r: nn.unbox(model.init({"params": r}, ids)["params"]))
-            params = init(jax.random.PRNGKey(_SEED.value))
-        names = hf_checkpoint.save_mixtral(params, config, _OUT.value, _DTYPE.value or None)
-    except GlamError as err:
-        raise SystemExit(f"error: {err}") from None
+    hf_checkpoint.check_mixtral(config)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    model = Transformer(frozen(config))
+    if _WORKDIR.value:
+        params, _ = pretrained.params_from_workdir(config, _WORKDIR.value, mesh)
+    else:
+        ids = jnp.zeros((1, 1), jnp.int32)
+        init = jax.jit(lambda r: nn.unbox(model.init({"params": r}, ids)["params"]))
+        params = init(jax.random.PRNGKey(_SEED.value))
+    names = hf_checkpoint.save_mixtral(params, config, _OUT.value, _DTYPE.value or None)
     if _LOGITS.value:
         rng = np.random.RandomState(_SEED.value)
         ids = rng.randint(0, config.model.vocab_size, (2, 16)).astype(np.int32)
@@ -63,4 +59,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

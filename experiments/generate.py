@@ -26,7 +26,15 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from glam_jax import config_checks, decode, gpu_defaults, hf_checkpoint, pretrained, sharding
+from glam_jax import (
+    cli,
+    config_checks,
+    decode,
+    gpu_defaults,
+    hf_checkpoint,
+    pretrained,
+    sharding,
+)
 from glam_jax.errors import GlamError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -170,10 +178,7 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    try:
-        result = run()
-    except GlamError as err:  # one sentence, no traceback
-        raise SystemExit(f"error: {err}") from None
+    result = run()  # user errors become one sentence in glam_jax/cli.py
     if _JSON.value:
         print(json.dumps(result))
         return
@@ -189,4 +194,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    app.run(main)
+    cli.run(main)

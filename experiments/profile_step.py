@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
-from glam_jax import gpu_defaults
+from glam_jax import cli, gpu_defaults
 
 _CONFIG = flags.DEFINE_string("config", "configs/glam_gpu_bench.py:moe", "Config file[:variant].")
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps.")
@@ -73,4 +73,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     gpu_defaults.apply()
-    app.run(main)
+    cli.run(main)

@@ -8,8 +8,7 @@ python experiments/train.py --config=configs/glam.py:size=1_7b --workdir=... \
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from glam_jax import gpu_defaults, train
-from glam_jax.errors import GlamError
+from glam_jax import cli, gpu_defaults, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (optionally :variant).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and data cache go here.")
@@ -21,12 +20,9 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter; --verbosity=0 shows it
-    try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except GlamError as err:  # a bad config, corpus or workdir: one sentence, no traceback
-        raise SystemExit(f"error: {err}") from None
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # user errors: see glam_jax/cli.py
 
 
 if __name__ == "__main__":
     gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    app.run(main)
+    cli.run(main)

@@ -29,6 +29,7 @@ import numpy as np
 from glam_jax.layers import Dtype, constrain, param_with_axes
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+POSITIONS = ("relative_bias", "rope", "none")
 
 
 def relative_position_buckets(
@@ -232,9 +233,7 @@ class Attention(nn.Module):
             pos = positions_bt if positions_bt is not None else jnp.arange(t)[None]
             q_bthd, k_bsgd = rope(q_bthd, pos, self.rope_theta), rope(k_bsgd, pos, self.rope_theta)
         elif self.position != "none":
-            raise ValueError(
-                f"model.position={self.position!r} is not valid; valid: relative_bias, rope, none."
-            )
+            raise ValueError(f"model.position={self.position!r} is not valid; valid: {POSITIONS}.")
         scale = self.scale or 1.0 / math.sqrt(d)
 
         if self.decode and self.has_variable("cache", "cached_key"):

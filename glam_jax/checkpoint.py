@@ -6,7 +6,8 @@ with exactly the batch the interrupted one would have seen next. With several pr
 reads its own part of the data; `allgather_json` collects every process's iterator state so the
 saved `data` item holds them all, and each process takes its own part back on restore. The
 model part of the config is stored beside the checkpoints; resuming with a different model shape
-fails in one sentence.
+fails in one sentence. A newest checkpoint that cannot be read (a save cut short, a disk that
+filled up) is skipped for the newest one that can, and a save refuses non-finite values.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from glam_jax.errors import GlamError
-from glam_jax.steps import TrainState
+from glam_jax.steps import TrainState, all_finite
 
 # Config fields that change parameter shapes or meaning; a workdir is tied to them.
 MODEL_FIELDS = ("model", "moe")
@@ -66,6 +67,23 @@ def allgather_json(value: Any) -> list[Any]:
     ]
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _free_name(path: str) -> str:
+    """`path`, or `path.1`, `path.2`, ... whichever does not exist yet."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
+
+
+_all_finite = jax.jit(lambda params, opt_state: all_finite((params, opt_state)))
+
+
 class Checkpointer:
     """Saves/restores TrainState + data state under <workdir>/checkpoints."""
 
@@ -88,6 +106,8 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             create=True,
         )
+        self._is_primary = is_primary
+        self.unreadable: list[tuple[int, str]] = []  # filled by restore()
         self._check_or_write_model_config(config, is_primary)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data"), options=options
@@ -123,28 +143,64 @@ class Checkpointer:
     def save(
         self, step: int, state: TrainState, data_state: dict, metrics: dict | None = None
     ) -> None:
+        """Writes `step` (in the background with train.async_checkpoint).
+
+        Refuses non-finite parameters or optimizer state: the train step keeps the state finite
+        by skipping non-finite updates, so this catches only an update that overflowed.
+        """
+        if not bool(jax.device_get(_all_finite(state.params, state.opt_state))):
+            raise CheckpointError(
+                f"the parameters or optimizer state at step {step} are not finite (inf or NaN), "
+                f"so they were not saved (newest checkpoint under {self.directory}: "
+                f"{self.latest_step or 'none'}); lower train.learning_rate or check the data."
+            )
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
         )
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[Any, dict]:
-        """(state in the abstract state's shardings, data-iterator state) of `step` or latest."""
-        step = self.latest_step if step is None else step
-        if step is None:
+        """(state in the abstract state's shardings, data-iterator state) of `step`, or of the
+        newest checkpoint that can be restored.
+
+        Without `step`, checkpoints that cannot be read (truncated or missing files, say) are
+        skipped; `self.unreadable` lists them as (step, reason), newest first.
+        """
+        self.unreadable: list[tuple[int, str]] = []
+        candidates = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+        if not candidates:
             raise CheckpointError(f"no checkpoint found under {self.directory}.")
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
         )
-        try:
-            restored = self.manager.restore(step, args=args)
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err)
-            raise CheckpointError(
-                f"checkpoint step {step} under {self.directory} does not match this model or "
-                f"optimizer ({first}); use a new --workdir or the config it was written with."
-            ) from None
-        return restored["state"], restored["data"]
+        for candidate in candidates:
+            try:
+                restored = self.manager.restore(candidate, args=args)
+            except (ValueError, KeyError, TypeError, OSError) as err:  # not device errors (OOM)
+                self.unreadable.append((candidate, _first_line(err)))
+                continue
+            return restored["state"], restored["data"]
+        reasons = "; ".join(f"step {s}: {reason}" for s, reason in self.unreadable)
+        raise CheckpointError(
+            f"no checkpoint under {self.directory} can be restored ({reasons}): they are "
+            "unreadable or were written for another model or optimizer; use a new --workdir or "
+            "the config they were written with."
+        )
+
+    def set_aside(self, steps: list[int], workdir: str) -> str:
+        """Moves unreadable step folders to <workdir>/unreadable_checkpoints/ (kept for a person to
+        look at, out of the way of the steps that will be saved again); returns that folder."""
+        target = os.path.join(os.path.abspath(workdir), "unreadable_checkpoints")
+        if self._is_primary:
+            os.makedirs(target, exist_ok=True)
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                if os.path.exists(source):
+                    os.replace(source, _free_name(os.path.join(target, str(step))))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("glam_jax.checkpoint.set_aside")
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

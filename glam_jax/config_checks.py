@@ -1,13 +1,21 @@
-"""Checks a run config before anything is built, so a bad value fails in one clear sentence."""
+"""Checks a run config before anything is built, so a bad value fails in one clear sentence.
+
+Three tables drive it: `enumerated_knobs()` (knob -> the owning module's table of valid names),
+`LOWER_BOUNDS` (counts and sizes that must be at least some value) and `split_sizes()` (sizes
+that the mesh splits along a logical axis, so they must divide evenly).
+"""
 
 from __future__ import annotations
 
+import math
+import types
+from collections.abc import Collection
+
+import jax
 import ml_collections
 
-from glam_jax import dispatch, routing
+from glam_jax import attention, dispatch, layers, model, optim, routing, sharding
 from glam_jax.errors import GlamError
-from glam_jax.layers import dtype_of
-from glam_jax.model import REMAT_POLICIES
 
 
 class ConfigError(GlamError):
@@ -19,12 +27,99 @@ def _need(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def enumerated_knobs() -> dict[str, Collection[str]]:
+    """Every knob that takes one of a fixed set of names -> that set, as its owner defines it."""
+    from glam_jax.data import text_corpus, tokenizer  # imports TFDS: only when checking a run
+
+    return {
+        "model.dtype": layers.DTYPES,
+        "model.param_dtype": layers.DTYPES,
+        "model.norm": layers.NORMS,
+        "model.ffn_activation": layers.ACTIVATIONS,
+        "model.position": attention.POSITIONS,
+        "model.attention_impl": attention.ATTENTION_IMPLS,
+        "model.remat_policy": model.REMAT_POLICIES,
+        "model.remat_scope": model.REMAT_SCOPES,
+        "moe.router": routing.ROUTERS,
+        "moe.second_expert_policy": routing.SECOND_EXPERT_POLICIES,
+        "moe.dispatch": dispatch.DISPATCHES,
+        "moe.decode_dispatch": dispatch.DISPATCHES,
+        "moe.capacity_convention": dispatch.CAPACITY_CONVENTIONS,
+        "moe.expert_exchange": dispatch.EXCHANGES,
+        "moe.ragged_matmul": dispatch.RAGGED_MATMUL_CHOICES,
+        "train.optimizer": optim.OPTIMIZERS,
+        "train.decay": optim.DECAYS,
+        "data.corpus": text_corpus.EMBEDDED_CORPORA,
+        "data.document_split": text_corpus.DOCUMENT_SPLITS,
+        "data.spm_model_type": tokenizer.MODEL_TYPES,
+    }
+
+
+# Counts and sizes -> the smallest valid value (0 often means "off" or "as large as possible").
+LOWER_BOUNDS = {
+    "model.vocab_size": 1,
+    "model.num_layers": 1,
+    "model.embed_dim": 1,
+    "model.mlp_dim": 1,
+    "model.num_heads": 1,
+    "model.num_kv_heads": 0,
+    "model.head_dim": 1,
+    "model.max_len": 1,
+    "model.sliding_window": 0,
+    "moe.num_experts": 0,
+    "moe.every": 1,
+    "moe.expert_mlp_dim": 0,
+    "moe.group_size": 1,
+    "moe.min_capacity": 0,
+    "train.batch_size": 1,
+    "train.eval_batch_size": 1,
+    "train.seq_len": 1,
+    "train.steps": 1,
+    "train.warmup_steps": 0,
+    "train.log_every": 1,
+    "train.eval_every": 0,
+    "train.eval_batches": 0,
+    "train.checkpoint_every": 0,
+    "train.keep_checkpoints": 1,
+    "train.max_nonfinite_steps": 1,
+    "train.learning_rate": 0,
+    "train.grad_clip_norm": 0,
+    "train.weight_decay": 0,
+    "data.worker_count": 0,
+    "data.num_streams": 0,
+}
+
+
+def _listing(valid: Collection[str]) -> str:
+    return ", ".join(repr(v) for v in valid)
+
+
+def _value(config: ml_collections.ConfigDict, knob: str):
+    part, key = knob.split(".")
+    return config[part][key]
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Every enumerated knob against its valid names and every count against its lower bound."""
+    for knob, valid in enumerated_knobs().items():
+        value = _value(config, knob)
+        _need(
+            isinstance(value, str) and value in valid,
+            f"{knob}={value!r} is not valid; valid: {_listing(valid)}.",
+        )
+    for knob, lowest in LOWER_BOUNDS.items():
+        value = _value(config, knob)
+        _need(
+            isinstance(value, (int, float)) and math.isfinite(value) and value >= lowest,
+            f"{knob}={value!r} is not valid; it must be a number >= {lowest}.",
+        )
+
+
 def check_model(config: ml_collections.ConfigDict) -> None:
     """Model/MoE fields that do not depend on the devices."""
     mc, moe = config.model, config.moe
-    for name in ("vocab_size", "num_layers", "embed_dim", "mlp_dim", "num_heads", "head_dim"):
-        _need(mc[name] >= 1, f"model.{name}={mc[name]} must be >= 1.")
     _need(moe.every >= 1, f"moe.every={moe.every} must be >= 1 (1 = every layer is MoE).")
+    check_values(config)
     _need(
         mc.num_layers % moe.every == 0,
         f"model.num_layers={mc.num_layers} must be a multiple of moe.every={moe.every} "
@@ -39,55 +134,16 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         mc.num_heads % kv == 0,
         f"model.num_heads={mc.num_heads} must be a multiple of model.num_kv_heads={kv}.",
     )
-    for name in ("dtype", "param_dtype"):
-        try:
-            dtype_of(mc[name])
-        except ValueError as err:
-            raise ConfigError(f"model.{name}: {err}") from None
-    _need(
-        mc.remat_scope in ("block", "ffn"),
-        f"model.remat_scope={mc.remat_scope!r} is not valid; valid: 'block', 'ffn'.",
-    )
-    _need(
-        mc.remat_policy in REMAT_POLICIES,
-        f"model.remat_policy={mc.remat_policy!r} is not valid; valid: {sorted(REMAT_POLICIES)}.",
-    )
-    _need(
-        mc.position in ("relative_bias", "rope", "none"),
-        f"model.position={mc.position!r} is not valid; valid: relative_bias, rope, none.",
-    )
     _need(
         mc.position != "rope" or mc.head_dim % 2 == 0,
         f"model.head_dim={mc.head_dim} must be even for position='rope' (it rotates pairs).",
     )
-    _need(
-        mc.sliding_window >= 0,
-        f"model.sliding_window={mc.sliding_window} must be >= 0 (0 = full causal attention).",
-    )
     if moe.num_experts == 0:
         return
-    _need(moe.num_experts >= 1, f"moe.num_experts={moe.num_experts} must be >= 0.")
-    _need(
-        moe.router in routing.ROUTERS,
-        f"moe.router={moe.router!r} is not valid; valid: {routing.ROUTERS}.",
-    )
-    _need(
-        moe.dispatch in dispatch.DISPATCHES,
-        f"moe.dispatch={moe.dispatch!r} is not valid; valid: {dispatch.DISPATCHES}.",
-    )
-    _need(
-        moe.decode_dispatch in dispatch.DISPATCHES,
-        f"moe.decode_dispatch={moe.decode_dispatch!r} is not valid; valid: {dispatch.DISPATCHES}.",
-    )
     for name in ("capacity_factor_train", "capacity_factor_eval"):
         _need(
             moe[name] > 0, f"moe.{name}={moe[name]} must be > 0 (1.25 train / 2.0 eval are usual)."
         )
-    _need(
-        moe.capacity_convention in dispatch.CAPACITY_CONVENTIONS,
-        f"moe.capacity_convention={moe.capacity_convention!r} is not valid; "
-        f"valid: {dispatch.CAPACITY_CONVENTIONS}.",
-    )
     fixed = routing.FIXED_K.get(moe.router)
     _need(
         fixed is None or moe.num_selected == fixed,
@@ -108,11 +164,6 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         f"moe.router='noisy_topk' needs moe.num_selected < moe.num_experts, got "
         f"{moe.num_selected} and {moe.num_experts}.",
     )
-    _need(moe.group_size >= 1, f"moe.group_size={moe.group_size} must be >= 1.")
-    _need(
-        moe.expert_exchange in dispatch.EXCHANGES,
-        f"moe.expert_exchange={moe.expert_exchange!r} is not valid; valid: {dispatch.EXCHANGES}.",
-    )
     _need(
         not (moe.expert_exchange == "all_to_all" and moe.dispatch == "dropless"),
         "moe.expert_exchange='all_to_all' exchanges fixed-capacity buffers, so it needs "
@@ -120,29 +171,54 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def split_sizes(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
+    """(knob, the size it sets, the logical axis that size lies along) for every size the mesh
+    splits; the rule table in glam_jax.sharding says over how many devices."""
+    mc, moe, tc = config.model, config.moe, config.train
+    rows = [
+        ("model.num_heads", mc.num_heads, "heads"),
+        ("model.num_kv_heads", mc.num_kv_heads or mc.num_heads, "heads"),
+        ("model.mlp_dim", mc.mlp_dim, "mlp"),
+        ("model.vocab_size", mc.vocab_size, "vocab"),
+        ("train.batch_size", tc.batch_size, "batch"),
+        ("train.eval_batch_size", tc.eval_batch_size, "batch"),
+    ]
+    if moe.num_experts:
+        rows += [
+            ("moe.num_experts", moe.num_experts, "expert"),
+            ("moe.expert_mlp_dim", moe.expert_mlp_dim or mc.mlp_dim, "mlp"),
+        ]
+    return rows
+
+
+def _check_kernel(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int]) -> None:
+    """An explicitly named grouped-matmul kernel must run here on the per-device expert shape."""
+    mc, moe = config.model, config.moe
+    if not moe.num_experts or moe.dispatch != "dropless" or moe.ragged_matmul in ("auto", "xla"):
+        return
+    hidden = (moe.expert_mlp_dim or mc.mlp_dim) // sharding.ways_on_mesh_shape("mlp", mesh_shape)
+    shape = (moe.num_experts, mc.embed_dim, hidden)
+    weights = types.SimpleNamespace(wi_0=jax.ShapeDtypeStruct(shape, layers.dtype_of(mc.dtype)))
+    try:
+        dispatch.resolve_ragged_matmul(moe.ragged_matmul, weights)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def check_run(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int]) -> None:
     """Everything in check_model plus how batch and experts split over the resolved mesh."""
     check_model(config)
-    data, expert, model = mesh_shape
-    mc, moe, tc = config.model, config.moe, config.train
-    if moe.num_experts:
+    mc, tc = config.model, config.train
+    for knob, size, axis in split_sizes(config):
+        ways = sharding.ways_on_mesh_shape(axis, mesh_shape)
         _need(
-            moe.num_experts % expert == 0,
-            f"moe.num_experts={moe.num_experts} is not divisible by the mesh expert axis "
-            f"({expert}); use a mesh.shape whose expert size divides it.",
-        )
-    for name in ("batch_size", "eval_batch_size"):
-        _need(
-            tc[name] % (data * expert) == 0,
-            f"train.{name}={tc[name]} is not divisible by mesh data x expert = {data * expert}.",
+            size % ways == 0,
+            f"{knob}={size} is not divisible by {ways}, the number of devices mesh.shape="
+            f"{tuple(mesh_shape)} splits logical axis {axis!r} over; use a multiple of {ways}.",
         )
     _need(
         tc.seq_len <= mc.max_len,
         f"train.seq_len={tc.seq_len} is larger than model.max_len={mc.max_len}, the longest "
         "sequence the model supports.",
     )
-    for name, size in (("num_heads", mc.num_heads), ("mlp_dim", mc.mlp_dim)):
-        _need(
-            size % model == 0,
-            f"model.{name}={size} is not divisible by the mesh model axis ({model}).",
-        )
+    _check_kernel(config, mesh_shape)

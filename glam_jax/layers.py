@@ -12,15 +12,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from glam_jax import sharding
+
 Dtype = Any
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=True), "silu": nn.silu, "relu": nn.relu}
 
 
 def dtype_of(name: str) -> jnp.dtype:
     """'bfloat16' -> jnp.bfloat16 with a clear error for anything else."""
-    valid = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-    if name not in valid:
-        raise ValueError(f"dtype {name!r} is not supported; valid: {sorted(valid)}.")
-    return valid[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; valid: {sorted(DTYPES)}.")
+    return DTYPES[name]
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple[str, ...]):
@@ -29,16 +34,21 @@ def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tupl
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Sharding hint on an activation, by logical names (a no-op outside a mesh)."""
+    """Sharding hint on an activation, by logical names (a no-op outside a mesh).
+
+    Flax replicates an axis whose name has no rule, so a misspelt name is refused here instead.
+    """
+    sharding.check_logical_axes(axes, where="constrain")
     return nn.with_logical_constraint(x, axes)
 
 
 def activation_fn(name: str):
     """The FFN non-linearity by config name."""
-    fns = {"gelu": lambda x: nn.gelu(x, approximate=True), "silu": nn.silu, "relu": nn.relu}
-    if name not in fns:
-        raise ValueError(f"model.ffn_activation={name!r} is not supported; valid: {sorted(fns)}.")
-    return fns[name]
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"model.ffn_activation={name!r} is not supported; valid: {sorted(ACTIVATIONS)}."
+        )
+    return ACTIVATIONS[name]
 
 
 class Norm(nn.Module):
@@ -55,9 +65,7 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
         elif self.kind != "rmsnorm":
-            raise ValueError(
-                f"model.norm={self.kind!r} is not supported; valid: layernorm, rmsnorm."
-            )
+            raise ValueError(f"model.norm={self.kind!r} is not supported; valid: {NORMS}.")
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         scale = param_with_axes(
             self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, ("embed",)

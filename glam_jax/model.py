@@ -33,6 +33,9 @@ REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
 }
 
+# What model.remat_policy covers: the whole scan body, or only the FFN/MoE of each layer.
+REMAT_SCOPES = ("block", "ffn")
+
 # Per-layer MoE stats that are summed over layers into the loss.
 LOSS_STATS = ("aux_loss", "z_loss", "importance_loss", "load_loss")
 

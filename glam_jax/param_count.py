@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from glam_jax import flops
+from glam_jax import cli, flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -88,4 +88,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

@@ -18,6 +18,7 @@ from jax.scipy.stats import norm
 ROUTERS = ("gshard_top2", "switch_top1", "topk_softmax", "noisy_topk", "expert_choice")
 # Routers whose k is fixed by the algorithm.
 FIXED_K = {"gshard_top2": 2, "switch_top1": 1}
+SECOND_EXPERT_POLICIES = ("random", "all")  # gshard_top2: sample the 2nd expert, or always send
 
 
 @struct.dataclass
@@ -84,9 +85,10 @@ def gshard_top2(
     In training with policy 'random', the second expert is dispatched only with probability
     min(1, 2*g2) (g2 normalised), as in GShard's Algorithm 1.
     """
-    if second_expert_policy not in ("random", "all"):
+    if second_expert_policy not in SECOND_EXPERT_POLICIES:
         raise ValueError(
-            f"moe.second_expert_policy={second_expert_policy!r} is not valid; valid: random, all."
+            f"moe.second_expert_policy={second_expert_policy!r} is not valid; "
+            f"valid: {SECOND_EXPERT_POLICIES}."
         )
     probs = jax.nn.softmax(logits_gte, axis=-1)
     num_experts = probs.shape[-1]

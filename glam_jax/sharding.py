@@ -149,6 +149,18 @@ def logical_axis_size(name: str) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def ways_on_mesh_shape(name: str, shape: Sequence[int]) -> int:
+    """Ways the logical axis `name` is split on a (data, expert, model) mesh of `shape` (for
+    start-up checks, before any mesh exists)."""
+    check_logical_axes((name,))
+    axes = nn.logical_to_mesh_axes((name,), LOGICAL_RULES)[0]
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    sizes = dict(zip(MESH_AXES, shape, strict=True))
+    return math.prod(sizes[a] for a in axes)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch axis is split (data x expert)."""
     return mesh.shape["data"] * mesh.shape["expert"]

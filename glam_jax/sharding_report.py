@@ -14,6 +14,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from glam_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
 _MESH = flags.DEFINE_string("mesh", "1,1,1", "Mesh sizes data,expert,model.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
@@ -103,4 +105,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

@@ -34,6 +34,9 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # uint32[2]; per-step keys are fold_in(rng, step), so resumes are exact
+    # Steps whose update was skipped: all of them, and how many in a row up to this step.
+    nonfinite_steps: jax.Array  # int32 scalar
+    nonfinite_streak: jax.Array  # int32 scalar; >= train.max_nonfinite_steps stops the run
 
 
 def build_model(config: ml_collections.ConfigDict) -> Transformer:
@@ -121,6 +124,8 @@ def make_init_fn(config, model: Transformer, tx: optax.GradientTransformation) -
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.PRNGKey(config.seed + 1),
+            nonfinite_steps=jnp.zeros((), jnp.int32),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
         )
 
     return init_fn
@@ -143,7 +148,14 @@ def state_shardings(config, model: Transformer, abstract: TrainState, mesh: Mesh
     """NamedShardings for every leaf of the train state."""
     p_specs = param_partition_specs(model, config)
     o_specs = opt_state_specs(abstract.opt_state, abstract.params, p_specs)
-    specs = TrainState(step=PartitionSpec(), params=p_specs, opt_state=o_specs, rng=PartitionSpec())
+    specs = TrainState(
+        step=PartitionSpec(),
+        params=p_specs,
+        opt_state=o_specs,
+        rng=PartitionSpec(),
+        nonfinite_steps=PartitionSpec(),
+        nonfinite_streak=PartitionSpec(),
+    )
     return sharding.named_shardings(mesh, specs)
 
 
@@ -186,18 +198,43 @@ def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool
 def make_train_step(
     config, model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, shardings: TrainState
 ) -> Callable:
-    """jit(state, batch) -> (state, metrics), state donated, batch split over data x expert."""
+    """jit(state, batch) -> (state, metrics), state donated, batch split over data x expert.
+
+    A step whose loss or gradient norm is not finite keeps the old parameters and optimizer
+    state (a select over the update, which XLA fuses into it: no extra pass, no host sync) and
+    counts in state.nonfinite_*. Once train.max_nonfinite_steps such steps come in a row, every
+    later update is skipped too, so the state the loop finds at its next check (and refuses to
+    save) is the one from before the run went bad.
+    """
     schedule_lr = learning_rate_schedule(config.train)
+    max_streak = config.train.max_nonfinite_steps
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, batch, rng, model, config, True)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng, model, config, True)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_streak < max_streak)
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
+        nonfinite_steps = state.nonfinite_steps + jnp.where(ok, 0, 1)
+        nonfinite_streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
+        metrics["grad_norm"] = grad_norm
         metrics["learning_rate"] = schedule_lr(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics["nonfinite_steps"] = nonfinite_steps
+        metrics["nonfinite_streak"] = nonfinite_streak
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            nonfinite_steps=nonfinite_steps,
+            nonfinite_streak=nonfinite_streak,
+        )
         return new_state, metrics
 
     batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
@@ -208,6 +245,12 @@ def make_train_step(
         donate_argnums=0,
     )
     return _in_mesh(jitted, mesh)
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (a jit-able reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def make_eval_step(config, model: Transformer, mesh: Mesh, param_shardings) -> Callable:

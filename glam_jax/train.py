@@ -17,9 +17,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from glam_jax import checkpoint, config_checks, flops, optim, sharding, steps
+from glam_jax import checkpoint, config_checks, flops, optim, preemption, sharding, steps
 from glam_jax.data import create_datasets
 from glam_jax.data.pipeline import TrainIterator
+from glam_jax.errors import GlamError
 from glam_jax.metrics_writer import MetricsWriter
 
 LN2 = math.log(2.0)
@@ -61,7 +62,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
         abstract, shardings = steps.abstract_state(config, model, tx, mesh)
         state, data_state = ckpt.restore(abstract)
         data.train_iter.set_state(data_state)
-        say(f"Resumed from step {int(state.step)} in {ckpt.directory}")
+        resumed = int(state.step)
+        if ckpt.unreadable:  # newer than the one restored: moved aside so they can be re-saved
+            aside = ckpt.set_aside([step for step, _ in ckpt.unreadable], workdir)
+            for step, reason in ckpt.unreadable:
+                say(
+                    f"Checkpoint step {step} under {ckpt.directory} is unreadable ({reason}); "
+                    f"moved it to {aside} and fell back to step {resumed}."
+                )
+        say(f"Resumed from step {resumed} in {ckpt.directory}")
     else:
         state, shardings = steps.create_train_state(config, model, tx, mesh)
     return mesh, data, model, tx, ckpt, state, shardings
@@ -136,6 +145,8 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
             "dropped_fraction",
             "router_entropy",
             "top1_stability",
+            "nonfinite_steps",
+            "nonfinite_streak",
         )
         if key in metrics
     }
@@ -145,10 +156,45 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
     return row
 
 
+class NonFiniteError(GlamError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def _newest(ckpt) -> str:
+    step = ckpt.latest_step
+    return "no checkpoint yet" if step is None else f"newest checkpoint: step {step}"
+
+
+def _check_streak(streak: int, step: int, max_streak: int, ckpt) -> None:
+    """Stops the run once train.max_nonfinite_steps steps in a row were non-finite. `streak` is
+    read where the loop syncs anyway (metric rows, checkpoints): the train step skips every
+    update after the limit, so a late look sees the state from before the run went bad."""
+    if streak >= max_streak:
+        raise NonFiniteError(
+            f"the loss or gradient norm was not finite for train.max_nonfinite_steps={max_streak} "
+            f"steps in a row from step {step - streak + 1} (their updates were skipped and "
+            f"nothing after them was saved; {_newest(ckpt)}); lower train.learning_rate, check "
+            "the data, or raise train.max_nonfinite_steps."
+        )
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates the workdir, or says in one sentence why it cannot be one."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise GlamError(f"--workdir={workdir} is an existing file; pass a directory.")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise GlamError(f"cannot create --workdir={workdir}: {err.strerror}.") from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains to config.train.steps with periodic eval and checkpoints; returns the last eval."""
+    """Trains to config.train.steps with periodic eval and checkpoints; returns the last eval.
+
+    On SIGTERM (a preemption notice) it saves at the next step boundary and returns early.
+    """
     tc = config.train
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir)
     mesh, data, model, tx, ckpt, state, shardings = setup(config, workdir)
     primary = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=primary)
@@ -176,6 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar = tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True)
     last_eval: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
+    watch = preemption.PreemptionWatch()
+    watch.install()
     try:
         for step in range(start_step, tc.steps):
             batch = steps.global_batch(next(data.train_iter), mesh)
@@ -187,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 elapsed = time.perf_counter() - window_start
                 row = _log_row(metrics, elapsed, window_steps * tokens_per_step, mfu_denominator)
                 writer.write(done, row)
+                _check_streak(int(metrics["nonfinite_streak"]), done, tc.max_nonfinite_steps, ckpt)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
@@ -203,17 +252,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     bar,
                 )
                 window_start = time.perf_counter()  # eval time is not training throughput
-            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
+            periodic = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps
+            preempted = watch.reached(done, ckpt.manager)
+            if periodic or preempted:
+                streak = int(jax.device_get(state.nonfinite_streak))
+                _check_streak(streak, done, tc.max_nonfinite_steps, ckpt)
                 ckpt.save(
                     done,
                     state,
                     merged_data_state(data.train_iter),
                     metrics={"eval_loss": last_eval["eval_loss"]} if is_eval else None,
                 )
+            if preempted and done < tc.steps:
+                ckpt.wait()
+                say(
+                    f"Preempted (SIGTERM): saved step {done} to {ckpt.directory}; "
+                    "run the same command to resume.",
+                    bar,
+                )
+                break
         if start_step >= tc.steps:  # nothing left to train: report the checkpoint's eval
             say(f"Already trained to step {start_step} (train.steps={tc.steps}).")
             last_eval = evaluate(eval_step, state.params, data, mesh, tc.eval_batches)
     finally:  # also on errors and Ctrl-C: finish pending checkpoint writes, flush metrics
+        watch.uninstall()
         if bar is not None:
             bar.close()
         ckpt.close()

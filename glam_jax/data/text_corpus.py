@@ -177,6 +177,16 @@ def _split_sizes(
     return num_train, num_eval
 
 
+def _first_non_utf8(files: Sequence[Path | Traversable]) -> str:
+    """The path of the first file that does not decode as UTF-8 (to name it in an error)."""
+    for file in files:
+        try:
+            file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return str(file)
+    return "a file"
+
+
 def prepare_text_corpus(
     files: Sequence[Path | Traversable],
     *,
@@ -216,7 +226,10 @@ def prepare_text_corpus(
     try:
         builder.download_and_prepare()
     except UnicodeDecodeError as e:
-        raise DataError(f"a file of corpus {label!r} is not UTF-8 text ({e.reason}).") from None
+        raise DataError(
+            f"{_first_non_utf8(files)} (a file of corpus {label!r}) is not UTF-8 text "
+            f"({e.reason}); convert it, e.g. iconv -f latin1 -t utf-8."
+        ) from None
     except AssertionError:  # TFDS refuses to write an empty split; say which one and why.
         num_train, num_eval = _split_sizes(files, document_split, validation_fraction)
         if num_train + num_eval == 0:

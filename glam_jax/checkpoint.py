@@ -69,7 +69,7 @@ def allgather_json(value: Any) -> list[Any]:
 
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+    return text.splitlines()[0][:200].rstrip(":") if text else type(err).__name__
 
 
 def _free_name(path: str) -> str:

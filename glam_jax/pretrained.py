@@ -14,6 +14,7 @@ import os
 import jax
 import ml_collections
 import sentencepiece as spm
+from absl import logging
 from jax.sharding import Mesh
 
 from glam_jax import checkpoint, hf_checkpoint, optim, steps
@@ -38,6 +39,10 @@ def params_from_workdir(
         state, _ = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
+    for bad, reason in ckpt.unreadable:  # newer than the one restored (train moves them aside)
+        logging.warning(
+            "Checkpoint step %d under %s is unreadable (%s).", bad, ckpt.directory, reason
+        )
     return state.params, int(jax.device_get(state.step))
 
 

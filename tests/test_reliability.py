@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from glam_jax import checkpoint, optim, sharding, steps, train
+from glam_jax.data import text_corpus
+from glam_jax.data.text_corpus import DataError
 from glam_jax.metrics_writer import read_metrics
 from tests.helpers import ROOT, random_batch, tiny_config
 
@@ -273,3 +275,19 @@ def test_a_save_refuses_non_finite_parameters(tmp_path):
     assert ckpt.latest_step is None
     ckpt.close()
     assert not glob.glob(str(tmp_path / "checkpoints" / "*"))
+
+
+def test_a_latin1_corpus_file_is_named_in_one_sentence(tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "latin1.txt"
+    good.write_text("plain text\n\nmore text\n", encoding="utf-8")
+    bad.write_bytes("caf\xe9 cr\xe8me\n\nna\xefve\n".encode("latin-1"))
+    with pytest.raises(DataError, match=f"^{bad} \\(a file of corpus 'text'\\) is not UTF-8") as e:
+        text_corpus.prepare_text_corpus(
+            [good, bad],
+            label="text",
+            embedded=False,
+            document_split="blank_line",
+            validation_fraction=0.5,
+            cache_dir=tmp_path / "cache",
+        )
+    assert "\n" not in str(e.value)

@@ -99,6 +99,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.tfds_eval_split = "validation"  # TFDS split for evaluation
     d.document_split = "blank_line"  # 'blank_line' | 'line' | 'file': what one document is
     d.undecodable_files = "error"  # a non-UTF-8 text file: 'error' (names it) or 'skip' it
+    d.max_document_chars = 0  # leave out longer documents (e.g. generated source); 0 = keep all
     d.validation_fraction = 0.05  # share of documents held out for evaluation
     d.tokenizer_path = ""  # SentencePiece .model to load; '' = train one on the training split
     d.spm_model_type = "unigram"  # 'unigram' or 'bpe' when training a tokenizer

@@ -177,6 +177,7 @@ def prepare(config, measure_batches: int) -> dict:
         validation_fraction=data.validation_fraction,
         cache_dir=cache,
         undecodable_files=data.undecodable_files,
+        max_document_chars=data.max_document_chars,
     )
     out["corpus_prepare_s"] = time.perf_counter() - start
     out["train_documents"], out["eval_documents"] = len(corpus.train), len(corpus.validation)

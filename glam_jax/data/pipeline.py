@@ -313,6 +313,7 @@ def _open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus
         validation_fraction=data.validation_fraction,
         cache_dir=cache_dir,
         undecodable_files=data.undecodable_files,
+        max_document_chars=data.max_document_chars,
     )
 
 

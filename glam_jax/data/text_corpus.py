@@ -144,6 +144,7 @@ class GlamTextCorpus(tfds.core.GeneratorBasedBuilder):
         document_split: str = "blank_line",
         validation_fraction: float = 0.05,
         undecodable_files: str = "error",
+        max_document_chars: int = 0,
         **kwargs: Any,
     ):
         # Defaults let TFDS rebuild the class read-only from an already-prepared directory.
@@ -151,6 +152,7 @@ class GlamTextCorpus(tfds.core.GeneratorBasedBuilder):
         self._document_split = document_split
         self._validation_fraction = validation_fraction
         self._undecodable_files = undecodable_files
+        self._max_document_chars = max_document_chars
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -172,6 +174,8 @@ class GlamTextCorpus(tfds.core.GeneratorBasedBuilder):
                 continue
             lines = io.StringIO(text).readlines()  # split at '\n' only, as iterating the file did
             for doc_index, doc in enumerate(iter_documents(lines, self._document_split)):
+                if self._max_document_chars and len(doc) > self._max_document_chars:
+                    continue
                 if is_validation(doc, self._validation_fraction) == validation:
                     yield f"{file_index}-{doc_index}", {TEXT_KEY: doc}
 
@@ -211,6 +215,7 @@ def prepare_text_corpus(
     validation_fraction: float,
     cache_dir: str | Path,
     undecodable_files: str = "error",
+    max_document_chars: int = 0,
 ) -> Corpus:
     """Prepares (once, cached by corpus identity and split settings) and opens a text corpus."""
     if document_split not in DOCUMENT_SPLITS:
@@ -233,6 +238,7 @@ def prepare_text_corpus(
             "document_split": document_split,
             "validation_fraction": validation_fraction,
             "undecodable_files": undecodable_files,
+            "max_document_chars": max_document_chars,
             "version": str(GlamTextCorpus.VERSION),
         },
         sort_keys=True,
@@ -243,6 +249,7 @@ def prepare_text_corpus(
         document_split=document_split,
         validation_fraction=validation_fraction,
         undecodable_files=undecodable_files,
+        max_document_chars=max_document_chars,
         data_dir=str(Path(cache_dir) / "corpora" / f"{label}-{key}"),
         file_format="array_record",
     )

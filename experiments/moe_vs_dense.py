@@ -44,6 +44,9 @@ _OUT = flags.DEFINE_string("out", str(REPO / "docs/research"), "JSON, plots and 
 _KEEP = flags.DEFINE_list("keep", [], "Runs (arm:seed) that keep their final checkpoint.")
 _SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rebuild plots/table from the JSON.")
+_MERGE = flags.DEFINE_list(
+    "merge", [], "Study JSON files whose runs join this study's (later files win per run)."
+)
 _PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Prepare the data, report, stop.")
 _MEASURE_PIPELINE = flags.DEFINE_integer(
     "measure_pipeline", 0, "Also time this many batches of the on-the-fly and cached pipelines."
@@ -304,29 +307,45 @@ def steps_to_reach(curve: dict, target: float) -> float | None:
 
 
 def summarise(study: dict) -> dict:
-    """Adds each arm's steps/wall-clock to the dense final loss, and the headline ratios."""
+    """Adds each run's steps and wall-clock to reach the final loss of the dense run with the
+    same seed (seed 0's where that seed has no dense run), and the headline ratios of the best
+    MoE arm of seed 0, plus the same ratios for every seed that has both runs."""
     arms = study["arms"]
-    dense = [a for a in arms if a["arm"] == "dense"]
+    dense = {a["seed"]: a for a in arms if a["arm"] == "dense"}
+    study.setdefault("distill_retained_fraction", None)  # set by experiments/distill.py runs
     if not dense:
         return study
-    base = min(dense, key=lambda a: a["seed"])  # seed 0 is the reference baseline
-    target = base["final_eval_loss"]
-    study["dense_final_eval_loss"] = target
+    base = dense.get(0) or dense[min(dense)]
+    study["dense_final_eval_loss"] = base["final_eval_loss"]
     for a in arms:
-        steps = steps_to_reach(a["eval_curve"], target)
+        ref = dense.get(a["seed"], base)
+        steps = steps_to_reach(a["eval_curve"], ref["final_eval_loss"])
+        a["dense_reference"] = run_name("dense", ref["seed"])
         a["steps_to_dense_loss"] = steps
         a["wallclock_to_dense_loss_s"] = None if steps is None else steps * a["step_time_s"]
     moes = [a for a in arms if a["arm"] != "dense" and a["seed"] == base["seed"]]
     if moes:
         best = min(moes, key=lambda a: a["final_eval_loss"])
         study["best_moe_arm"] = best["arm"]
-        reached = best["steps_to_dense_loss"]
-        study["steps_ratio_to_dense_loss"] = None if reached is None else reached / base["steps"]
-        study["wallclock_ratio_to_dense_loss"] = (
-            None
-            if reached is None
-            else best["wallclock_to_dense_loss_s"] / base["train_wallclock_s"]
+        study["steps_ratio_to_dense_loss"], study["wallclock_ratio_to_dense_loss"] = _ratios(
+            best, base
         )
+        study["paired_seeds"] = [
+            dict(
+                zip(
+                    ("seed", "steps_ratio", "wallclock_ratio", "loss_gap"),
+                    (
+                        seed,
+                        *_ratios(a, dense[seed]),
+                        dense[seed]["final_eval_loss"] - a["final_eval_loss"],
+                    ),
+                    strict=True,
+                )
+            )
+            for seed in sorted(dense)
+            for a in arms
+            if a["arm"] == best["arm"] and a["seed"] == seed
+        ]
     seeds = {}
     for a in arms:
         seeds.setdefault(a["arm"], []).append(a["final_eval_loss"])
@@ -338,6 +357,14 @@ def summarise(study: dict) -> dict:
     return study
 
 
+def _ratios(arm: dict, dense: dict) -> tuple[float | None, float | None]:
+    """(steps, wall-clock) an arm needs to reach `dense`'s final loss, as fractions of dense's."""
+    steps = steps_to_reach(arm["eval_curve"], dense["final_eval_loss"])
+    if steps is None:
+        return None, None
+    return steps / dense["steps"], steps * arm["step_time_s"] / dense["train_wallclock_s"]
+
+
 def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -347,7 +374,7 @@ def markdown_table(study: dict) -> str:
     head = (
         "| run | experts | router | total params | activated | GFLOP/token | tokens | "
         "step | train wall-clock | MFU | held-out loss | steps to dense loss | "
-        "wall-clock to dense loss |\n|" + "---|" * 13 + "\n"
+        "wall-clock (s) to dense loss |\n|" + "---|" * 13 + "\n"
     )
     rows = []
     for a in sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"])):
@@ -359,7 +386,7 @@ def markdown_table(study: dict) -> str:
             f"{a['step_time_s'] * 1e3:.1f} ms | {a['train_wallclock_s']:.0f} s | "
             f"{_fmt(a['mfu'] and 100 * a['mfu'], '.1f')}% | {a['final_eval_loss']:.4f} | "
             f"{_fmt(a.get('steps_to_dense_loss'), '.0f')} | "
-            f"{_fmt(a.get('wallclock_to_dense_loss_s'), '.0f')} s |"
+            f"{_fmt(a.get('wallclock_to_dense_loss_s'), '.0f')} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -374,11 +401,18 @@ def plot(study: dict, out: Path) -> list[str]:
     written = []
     for x_name, label in (("steps", "training step"), ("wallclock", "training wall-clock (s)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for a in sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"])):
+        runs = sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"]))
+        colours = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(a["arm"] for a in runs))}
+        for a in runs:  # one colour per arm, a dashed line for each further seed
             steps = a["eval_curve"]["step"]
             xs = steps if x_name == "steps" else [s * a["step_time_s"] for s in steps]
-            style = "-" if a["seed"] == 0 else "--"
-            ax.plot(xs, a["eval_curve"]["eval_loss"], style, label=run_name(a["arm"], a["seed"]))
+            ax.plot(
+                xs,
+                a["eval_curve"]["eval_loss"],
+                "-" if a["seed"] == 0 else "--",
+                color=colours[a["arm"]],
+                label=run_name(a["arm"], a["seed"]),
+            )
         if "dense_final_eval_loss" in study:
             ax.axhline(study["dense_final_eval_loss"], color="grey", lw=0.8, ls=":")
         losses = [x for a in study["arms"] for x in a["eval_curve"]["eval_loss"]]
@@ -425,6 +459,11 @@ def merge_arm(study: dict, record: dict) -> None:
 def run_study() -> None:
     out = Path(_OUT.value)
     study = load_study(out)
+    for path in _MERGE.value:
+        if not os.path.isfile(path):
+            raise StudyError(f"--merge names {path!r}, which is not an existing file.")
+        for record in json.loads(Path(path).read_text()).get("arms", []):
+            merge_arm(study, record)
     if _REPORT_ONLY.value:
         write_report(study, out)
         print(f"Rebuilt the report in {out} from {len(study['arms'])} runs.")

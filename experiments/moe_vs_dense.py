@@ -474,8 +474,12 @@ def run_study() -> None:
     if root.exists() and not root.is_dir():
         raise StudyError(f"--workdir={root} is an existing file; name a directory.")
     runs = [parse_run(spec) for spec in _RUNS.value]
-    corpus = "" if _SCALE.value == "tiny" and not _CORPUS.value else _CORPUS.value
-    corpus = corpus or ("" if _SCALE.value == "tiny" else default_corpus())
+    tfds = any(
+        item.startswith("data.tfds_name=") and item != "data.tfds_name=" for item in _SET.value
+    )
+    # The tiny scale reads the embedded corpus and a TFDS catalog dataset needs no files; the
+    # study's default corpus is this interpreter's installed Python sources.
+    corpus = _CORPUS.value or ("" if tfds or _SCALE.value == "tiny" else default_corpus())
     cache = str(root / "data")
     configs = {
         run: apply_overrides(

@@ -106,11 +106,13 @@ def apply_overrides(config, overrides: list[str], corpus: str, cache_dir: str | 
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parsed = value
-        node, *path = key.split(".")
+        *parents, name = key.split(".")
         target = config
-        for part in [node, *path][:-1]:
-            target = target[part]
-        target[key.split(".")[-1]] = parsed
+        for part in parents:
+            target = target.get(part) if hasattr(target, "get") else None
+        if target is None or not hasattr(target, "get") or name not in target:
+            raise StudyError(f"--set {key!r} is not a field of the study config.")
+        target[name] = parsed
     if corpus:
         config.data.text_files = corpus
     if cache_dir:
@@ -167,51 +169,32 @@ def _time_batches(iterator, batches: int) -> float:
 
 def prepare(config, measure_batches: int) -> dict:
     """Prepares corpus, tokenizer and token cache once, timing each stage."""
-    from glam_jax.data import pipeline, text_corpus, token_cache
+    from glam_jax.data import pipeline
 
     data, cache = config.data, config.data.cache_dir
     out: dict = {"cpu_count": os.cpu_count()}
     start = time.perf_counter()
-    corpus = text_corpus.prepare_text_corpus(
-        text_corpus.resolve_text_files(data.text_files),
-        label="text",
-        embedded=False,
-        document_split=data.document_split,
-        validation_fraction=data.validation_fraction,
-        cache_dir=cache,
-        undecodable_files=data.undecodable_files,
-        max_document_chars=data.max_document_chars,
-    )
+    corpus = pipeline.open_corpus(data, cache)
     out["corpus_prepare_s"] = time.perf_counter() - start
     out["train_documents"], out["eval_documents"] = len(corpus.train), len(corpus.validation)
     start = time.perf_counter()
-    config.data.pretokenize = False  # the tokenizer alone first
+    data.pretokenize = False  # the tokenizer alone first (the corpus is cached now)
     bundle = pipeline.build_datasets(config, cache, process_index=0, process_count=1)
     out["tokenizer_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    tokenize = pipeline.DocumentTokenizer(bundle.tokenizer)
-    for split, source in (("train", corpus.train), ("validation", corpus.validation)):
-        docs = token_cache.tokenized_split(
-            source,
-            text_key=corpus.text_key,
-            tokenizer=bundle.tokenizer,
-            tokenize_many=tokenize.many,
-            corpus_identity=corpus.identity,
-            split=split,
-            cache_dir=cache,
-            threads=data.tokenize_threads,
-        )
-        out[f"{split}_tokens"] = docs.num_tokens
+    data.pretokenize = True
+    train, validation, _ = pipeline.document_sources(
+        corpus, bundle.tokenizer, pipeline.DocumentTokenizer(bundle.tokenizer), data, cache
+    )
     out["pretokenize_s"] = time.perf_counter() - start
-    out["tokens_per_s_pretokenize"] = (out["train_tokens"] + out["validation_tokens"]) / out[
+    out["train_tokens"], out["validation_tokens"] = train.num_tokens, validation.num_tokens
+    out["tokens_per_s_pretokenize"] = (train.num_tokens + validation.num_tokens) / out[
         "pretokenize_s"
     ]
     if measure_batches:
         out["tokens_per_s_on_the_fly"] = _time_batches(bundle.train_iter, measure_batches)
-        config.data.pretokenize = True
         cached = pipeline.build_datasets(config, cache, process_index=0, process_count=1)
         out["tokens_per_s_cached_rows"] = _time_batches(cached.train_iter, measure_batches)
-    config.data.pretokenize = True
     return out
 
 

@@ -133,6 +133,7 @@ def test_headline_ratios_pair_each_seed_with_its_dense_run():
         (["--runs=mixtral", "--scale=tiny", "--workdir=/tmp/unused_mvd"], "not known"),
         (["--scale=huge", "--workdir=/tmp/unused_mvd"], "not one of"),
         (["--runs=dense"], "--workdir is required"),
+        (["--scale=tiny", "--set=data.vocab_size=512", "--workdir=/tmp/unused_mvd"], "not a field"),
         (["--report_only", "--merge=/nonexistent/study.json"], "not an existing file"),
     ],
 )

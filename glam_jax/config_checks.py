@@ -51,6 +51,7 @@ def enumerated_knobs() -> dict[str, Collection[str]]:
         "train.decay": optim.DECAYS,
         "data.corpus": text_corpus.EMBEDDED_CORPORA,
         "data.document_split": text_corpus.DOCUMENT_SPLITS,
+        "data.undecodable_files": text_corpus.UNDECODABLE_POLICIES,
         "data.spm_model_type": tokenizer.MODEL_TYPES,
     }
 
@@ -79,13 +80,15 @@ LOWER_BOUNDS = {
     "train.log_every": 1,
     "train.eval_every": 0,
     "train.eval_batches": 0,
-    "train.checkpoint_every": 0,
+    "train.checkpoint_every": -1,
     "train.keep_checkpoints": 1,
     "train.max_nonfinite_steps": 1,
     "train.learning_rate": 0,
     "train.grad_clip_norm": 0,
     "train.weight_decay": 0,
     "data.worker_count": 0,
+    "data.max_document_chars": 0,
+    "data.tokenize_threads": 0,
     "data.num_streams": 0,
 }
 

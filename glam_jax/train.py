@@ -252,9 +252,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     bar,
                 )
                 window_start = time.perf_counter()  # eval time is not training throughput
-            periodic = (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps
+            periodic = tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0
+            periodic = periodic or (done == tc.steps and tc.checkpoint_every >= 0)
             preempted = watch.reached(done, ckpt.manager)
-            if periodic or preempted:
+            if periodic or (preempted and tc.checkpoint_every >= 0):  # -1: never save
                 streak = int(jax.device_get(state.nonfinite_streak))
                 _check_streak(streak, done, tc.max_nonfinite_steps, ckpt)
                 ckpt.save(
@@ -265,11 +266,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             if preempted and done < tc.steps:
                 ckpt.wait()
-                say(
-                    f"Preempted (SIGTERM): saved step {done} to {ckpt.directory}; "
-                    "run the same command to resume.",
-                    bar,
-                )
+                saved = f"saved step {done} to {ckpt.directory}; run the same command to resume"
+                if tc.checkpoint_every < 0:
+                    saved = f"stopped at step {done} without saving (train.checkpoint_every=-1)"
+                say(f"Preempted (SIGTERM): {saved}.", bar)
                 break
         if start_step >= tc.steps:  # nothing left to train: report the checkpoint's eval
             say(f"Already trained to step {start_step} (train.steps={tc.steps}).")

@@ -303,7 +303,7 @@ def test_a_latin1_corpus_file_is_named_in_one_sentence(tmp_path):
     good, bad = tmp_path / "good.txt", tmp_path / "latin1.txt"
     good.write_text("plain text\n\nmore text\n", encoding="utf-8")
     bad.write_bytes("caf\xe9 cr\xe8me\n\nna\xefve\n".encode("latin-1"))
-    with pytest.raises(DataError, match=f"^{bad} \\(a file of corpus 'text'\\) is not UTF-8") as e:
+    with pytest.raises(DataError, match=f"^{bad} is not UTF-8 text") as e:
         text_corpus.prepare_text_corpus(
             [good, bad],
             label="text",

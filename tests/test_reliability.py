@@ -60,13 +60,6 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A jax persistent compilation cache shared by this module's subprocesses: the same step
-    compiles once (the same executable, so the numbers are unchanged)."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-@pytest.fixture(scope="module")
 def unbroken(cache, tmp_path_factory):
     """Workdir of one uninterrupted run of STEPS steps (in this process)."""
     workdir = str(tmp_path_factory.mktemp("unbroken"))
@@ -74,7 +67,7 @@ def unbroken(cache, tmp_path_factory):
     return workdir
 
 
-def _start(tmp_path, workdir, cache, compile_cache, steps_=STEPS, devices=8, **overrides):
+def _start(tmp_path, workdir, cache, steps_=STEPS, devices=8, **overrides):
     """experiments/train.py on run_config, in the background (stdout and stderr to files)."""
     config_file = tmp_path / f"config_{len(list(tmp_path.glob('config_*.py')))}.py"
     config_file.write_text(
@@ -82,11 +75,6 @@ def _start(tmp_path, workdir, cache, compile_cache, steps_=STEPS, devices=8, **o
         f"def get_config():\n    return run_config({steps_}, {cache!r}, **{overrides!r})\n"
     )
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.update(
-        JAX_COMPILATION_CACHE_DIR=compile_cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
     other = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env["XLA_FLAGS"] = " ".join([*other, f"--xla_force_host_platform_device_count={devices}"])
     log = open(tmp_path / f"{config_file.stem}.log", "w")  # noqa: SIM115 - closed by _finish
@@ -134,19 +122,17 @@ def _wait_for(proc, workdir, step: int, checkpoint_step: int | None = None) -> N
     raise AssertionError(f"no step {step} within 300 s")
 
 
-def test_kill_and_sigterm_then_resume_reproduce_the_unbroken_run(
-    tmp_path, cache, compile_cache, unbroken
-):
+def test_kill_and_sigterm_then_resume_reproduce_the_unbroken_run(tmp_path, cache, unbroken):
     workdir = str(tmp_path / "run")
     # kill -9 after the checkpoint at step 4 is on disk: the restart resumes from it.
-    proc = _start(tmp_path, workdir, cache, compile_cache)
+    proc = _start(tmp_path, workdir, cache)
     _wait_for(proc, workdir, CHECKPOINT_EVERY + 2, checkpoint_step=CHECKPOINT_EVERY)
     proc.send_signal(signal.SIGKILL)
     rc, _ = _finish(proc)
     assert rc == -signal.SIGKILL
     resumed = _steps_on_disk(workdir)[-1]  # 4, or 8 if the kill came late
     # SIGTERM (a preemption notice) two steps later: saves at the next step boundary, exits 0.
-    proc = _start(tmp_path, workdir, cache, compile_cache)
+    proc = _start(tmp_path, workdir, cache)
     _wait_for(proc, workdir, resumed + 2)
     proc.send_signal(signal.SIGTERM)
     rc, log = _finish(proc)
@@ -158,7 +144,7 @@ def test_kill_and_sigterm_then_resume_reproduce_the_unbroken_run(
     assert saved[-1] >= resumed + 2  # newer than the last periodic one before SIGTERM
     assert saved[-1] < STEPS and f"saved step {saved[-1]} " in preempted[0]
     assert max(_losses(workdir)) == saved[-1]  # it stopped at the step it saved
-    rc, log = _finish(_start(tmp_path, workdir, cache, compile_cache))
+    rc, log = _finish(_start(tmp_path, workdir, cache))
     assert rc == 0, log[-3000:]
     assert f"Resumed from step {saved[-1]}" in log
     a, b = _losses(unbroken), _losses(workdir)
@@ -167,9 +153,7 @@ def test_kill_and_sigterm_then_resume_reproduce_the_unbroken_run(
     assert a[STEPS] < a[1]
 
 
-def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(
-    tmp_path, cache, compile_cache, unbroken
-):
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, cache, unbroken):
     workdir = str(tmp_path / "run")
     shutil.copytree(unbroken, workdir)
     newest = _steps_on_disk(workdir)[-1]
@@ -177,7 +161,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(
     for path in glob.glob(os.path.join(workdir, "checkpoints", str(newest), "**"), recursive=True):
         if os.path.isfile(path):
             open(path, "w").close()  # truncated to zero bytes, as a full disk leaves them
-    rc, log = _finish(_start(tmp_path, workdir, cache, compile_cache))
+    rc, log = _finish(_start(tmp_path, workdir, cache))
     assert rc == 0, log[-3000:]
     fallback = STEPS - CHECKPOINT_EVERY
     lines = [line for line in log.splitlines() if "is unreadable" in line]
@@ -202,14 +186,14 @@ def test_no_readable_checkpoint_is_one_sentence(tmp_path, cache, unbroken):
         train.train_and_evaluate(run_config(STEPS, cache), workdir)
 
 
-def test_resume_on_half_the_devices(tmp_path, cache, compile_cache, unbroken):
+def test_resume_on_half_the_devices(tmp_path, cache, unbroken):
     """Checkpoints written on 8 devices (mesh (8,1,1)) resume on 4 (mesh (4,1,1))."""
     workdir = str(tmp_path / "run")
     shutil.copytree(unbroken, workdir)
     for step in _steps_on_disk(workdir)[1:]:
         shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
     start = _steps_on_disk(workdir)[0]
-    rc, log = _finish(_start(tmp_path, workdir, cache, compile_cache, devices=4))
+    rc, log = _finish(_start(tmp_path, workdir, cache, devices=4))
     assert rc == 0, log[-3000:]
     assert f"Resumed from step {start}" in log and "'data': 4" in log
     a, b = _losses(unbroken), _losses(workdir)

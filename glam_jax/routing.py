@@ -88,7 +88,7 @@ def gshard_top2(
     if second_expert_policy not in SECOND_EXPERT_POLICIES:
         raise ValueError(
             f"moe.second_expert_policy={second_expert_policy!r} is not valid; "
-            f"valid: {SECOND_EXPERT_POLICIES}."
+            f"valid: {', '.join(SECOND_EXPERT_POLICIES)}."
         )
     probs = jax.nn.softmax(logits_gte, axis=-1)
     num_experts = probs.shape[-1]

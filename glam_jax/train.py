@@ -106,6 +106,10 @@ def evaluate_checkpoint(
     """Restores checkpoint `step` (default newest) of `workdir` and evaluates it."""
     from glam_jax import pretrained
 
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # before preparing any data
+        raise pretrained.PretrainedError(
+            f"{workdir} has no checkpoints/ folder; is it a training workdir?"
+        )
     mesh, data = mesh_and_data(config, workdir)
     params, restored_step = pretrained.params_from_workdir(config, workdir, mesh, step)
     model = steps.build_model(config)

@@ -226,6 +226,15 @@ def test_repeat_rates_and_mutual_information_match_numpy_references():
                 joint_domain[ids[layer, r, t, 0], domain[r]] += 1
         assert out["mi_token_class"][layer] == pytest.approx(_np_mi(joint_class))
         assert out["mi_domain"][layer] == pytest.approx(_np_mi(joint_domain))
+        joint_dce = np.zeros((2, 3, e))
+        for r, t in itertools.product(range(b), range(s)):
+            if scored[r, t]:
+                joint_dce[domain[r], token_class[tokens[r, t]], ids[layer, r, t, 0]] += 1
+        n = joint_dce.sum()
+        given_d = sum(m.sum() / n * _np_mi(m) for m in joint_dce)
+        given_c = sum(joint_dce[:, c].sum() / n * _np_mi(joint_dce[:, c]) for c in range(3))
+        assert out["mi_token_class_given_domain"][layer] == pytest.approx(given_d)
+        assert out["mi_domain_given_token_class"][layer] == pytest.approx(given_c)
     assert out["repeat_rate_top1"][0] > out["repeat_rate_chance"][0]  # the planted runs
     assert out["repeat_rate_topk_chance_uniform"] == pytest.approx(1 - 1 / 6)  # C(2,2)/C(4,2)
 

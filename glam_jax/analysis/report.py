@@ -121,14 +121,17 @@ def markdown(summary: dict, title: str) -> str:
         "Jensen-Shannon divergence between the domains' expert distributions (bits).",
         "",
         f"| MoE layer | model layer | repeat top-1 | chance | repeat top-{k} | chance | "
-        "I(E; class) | I(E; domain) | I(E; token) | H(expert) | JS domains |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "I(E; class) | I(E; domain) | I(E; class \\| domain) | I(E; domain \\| class) "
+        "| I(E; token) | H(expert) | JS domains |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, layer in enumerate(s["moe_layer_index"]):
         lines.append(
             f"| {i} | {layer} | {_f(s['repeat_rate_top1'][i])} | {_f(s['repeat_rate_chance'][i])} "
             f"| {_f(s['repeat_rate_topk'][i])} | {_f(s['repeat_rate_topk_chance'][i])} "
             f"| {_f(s['mi_token_class'][i])} | {_f(s['mi_domain'][i])} "
+            f"| {_f(s['mi_token_class_given_domain'][i])} "
+            f"| {_f(s['mi_domain_given_token_class'][i])} "
             f"| {_f(s['mi_token_id'][i])} | {_f(s['entropy_expert'][i])} "
             f"| {_f(s['js_domains'][i])} |"
         )

@@ -37,6 +37,15 @@ def mutual_information(joint_xy: np.ndarray) -> float:
     return max(entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint), 0.0)
 
 
+def conditional_mutual_information(joint_zxy: np.ndarray) -> float:
+    """I(X; Y | Z) in bits from a count table [Z, X, Y]: sum_z p(z) I(X; Y | Z = z)."""
+    joint = np.asarray(joint_zxy, np.float64)
+    total = joint.sum()
+    if total <= 0:
+        return 0.0
+    return float(sum(m.sum() / total * mutual_information(m) for m in joint if m.sum() > 0))
+
+
 def miller_madow_bias(joint_xy: np.ndarray) -> float:
     """Expected upward bias (bits) of the plug-in mutual information of `joint_xy`."""
     joint = np.asarray(joint_xy)
@@ -123,8 +132,7 @@ class RoutingStats:
         l, e, d, c = num_layers, num_experts, len(self.domains), len(self.class_names)
         v = len(self.token_class_v)
         self.assign_lde = np.zeros((l, d, e), np.int64)  # top-k assignments
-        self.top1_lde = np.zeros((l, d, e), np.int64)
-        self.top1_lce = np.zeros((l, c, e), np.int64)
+        self.top1_ldce = np.zeros((l, d, c, e), np.int64)  # top-1 by domain and token class
         self.top1_lev = np.zeros((l, e, v), np.int32)  # for top tokens and I(expert; token)
         self.class_dc = np.zeros((d, c), np.int64)  # token classes of each domain
         self.pairs_ld = np.zeros((l, d), np.int64)
@@ -160,8 +168,8 @@ class RoutingStats:
             top1_n = ids_nk[:, 0]
             flat = (dom_n[:, None] * e + ids_nk).ravel()
             self.assign_lde[layer] += np.bincount(flat, minlength=d * e).reshape(d, e)
-            self.top1_lde[layer] += np.bincount(dom_n * e + top1_n, minlength=d * e).reshape(d, e)
-            self.top1_lce[layer] += np.bincount(cls_n * e + top1_n, minlength=c * e).reshape(c, e)
+            flat = (dom_n * c + cls_n) * e + top1_n
+            self.top1_ldce[layer] += np.bincount(flat, minlength=d * c * e).reshape(d, c, e)
             self.top1_lev[layer] += np.bincount(top1_n * v + tok_n, minlength=e * v).reshape(e, v)
             self.gate_top1_sum_l[layer] += float(
                 np.asarray(gates_lbsk[layer])[scored_bs][:, 0].sum()
@@ -180,15 +188,24 @@ class RoutingStats:
                 self.overlap_ld[layer, dom] += overlap
 
     # ---- results ---------------------------------------------------------------------------
+    @property
+    def top1_lde(self) -> np.ndarray:
+        return self.top1_ldce.sum(2)
+
+    @property
+    def top1_lce(self) -> np.ndarray:
+        return self.top1_ldce.sum(1)
+
     def repeat_rates(self) -> dict[str, list]:
         """Per layer: repeat rates pooled over domains and the chance rates for pairs drawn
         independently within one domain (pair-weighted mean of each domain's chance)."""
         out = {k: [] for k in ("top1", "top1_chance", "topk", "topk_chance")}
         per_domain = {dom: {k: [] for k in out} for dom in self.domains}
+        top1_lde = self.top1_lde
         for layer in range(self.num_layers):
             pairs = self.pairs_ld[layer]
             weights = pairs / max(pairs.sum(), 1)
-            chance1 = [top1_chance(self.top1_lde[layer, d]) for d in range(len(self.domains))]
+            chance1 = [top1_chance(top1_lde[layer, d]) for d in range(len(self.domains))]
             chancek = [topk_chance(self.sets_ld[layer][d]) for d in range(len(self.domains))]
             out["top1"].append(_ratio(self.same_top1_ld[layer].sum(), pairs.sum()))
             out["topk"].append(_ratio(self.overlap_ld[layer].sum(), pairs.sum()))
@@ -228,7 +245,8 @@ class RoutingStats:
             pairwise.append(
                 [[js_divergence(dist[layer, [i, j]]) for j in range(d)] for i in range(d)]
             )
-        top1_le = self.top1_lde.sum(1)
+        top1_lde, top1_lce = self.top1_lde, self.top1_lce
+        top1_le = top1_lde.sum(1)
         e, k = self.num_experts, self.k
         return {
             "num_moe_layers": self.num_layers,
@@ -246,8 +264,15 @@ class RoutingStats:
             "repeat_rate_chance_uniform": uniform_top1_chance(e),
             "repeat_rate_topk_chance_uniform": uniform_topk_chance(e, k),
             "repeat_rate_per_domain": rates["per_domain"],
-            "mi_token_class": [mutual_information(m.T) for m in self.top1_lce],
-            "mi_domain": [mutual_information(m.T) for m in self.top1_lde],
+            "mi_token_class": [mutual_information(m.T) for m in top1_lce],
+            "mi_domain": [mutual_information(m.T) for m in top1_lde],
+            # what each label tells about the expert beyond the other one
+            "mi_token_class_given_domain": [
+                conditional_mutual_information(m) for m in self.top1_ldce
+            ],
+            "mi_domain_given_token_class": [
+                conditional_mutual_information(m.transpose(1, 0, 2)) for m in self.top1_ldce
+            ],
             "mi_token_id": [mutual_information(m) for m in self.top1_lev],
             "mi_token_id_bias": [miller_madow_bias(m) for m in self.top1_lev],
             "entropy_expert": [entropy(m) for m in top1_le],
@@ -257,7 +282,7 @@ class RoutingStats:
             "js_domains_pairwise": pairwise,
             "expert_share_per_domain": dist.tolist(),
             "expert_share_top1": _rows(top1_le).tolist(),
-            "class_share_per_expert": [_rows(m.T).tolist() for m in self.top1_lce],
+            "class_share_per_expert": [_rows(m.T).tolist() for m in top1_lce],
             "gate_top1_mean": (self.gate_top1_sum_l / max(self.tokens, 1)).tolist(),
         }
 

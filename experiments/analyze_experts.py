@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from glam_jax import config_checks, gpu_defaults, hf_checkpoint, pretrained, sharding
+from glam_jax import config_checks, gpu_defaults, hf_checkpoint, pretrained, sharding, steps
 from glam_jax.analysis import analyze, parse_text_files, regex_class, select_classes, write_report
 from glam_jax.analysis.collect import check_analysable
 from glam_jax.errors import GlamError
@@ -35,6 +37,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "", "A glam_jax training workdir to restore.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: latest).")
 _HF_DIR = flags.DEFINE_string("hf_dir", "", "A Hugging Face Mixtral directory to import.")
+_RANDOM_INIT = flags.DEFINE_bool(
+    "random_init",
+    False,
+    "Fresh random weights of the --workdir's config (a baseline: what "
+    "routing looks like before training); the workdir still gives the tokenizer.",
+)
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "SentencePiece .model (else the source's).")
 _TEXT_FILES = flags.DEFINE_string(
     "text_files", "", "Labelled text: domain=GLOB,domain=GLOB (one domain per glob)."
@@ -60,6 +68,10 @@ def load_model():
     """(config, params, mesh, tokenizer path) of --workdir or --hf_dir."""
     if bool(_WORKDIR.value) == bool(_HF_DIR.value):
         raise GlamError("pass exactly one of --workdir and --hf_dir.")
+    if _RANDOM_INIT.value and _HF_DIR.value:
+        raise GlamError(
+            "--random_init goes with --workdir (its config and tokenizer), not --hf_dir."
+        )
     config = _CONFIG.value
     if _HF_DIR.value:
         hf_config = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(_HF_DIR.value))
@@ -78,6 +90,16 @@ def load_model():
     if _HF_DIR.value:
         config, params = pretrained.params_from_hf(_HF_DIR.value, mesh, config)
         tok = tok or pretrained.tokenizer_path(None, hf_dir=_HF_DIR.value)
+    elif _RANDOM_INIT.value:
+        model = steps.build_model(config)
+        shardings = sharding.named_shardings(mesh, steps.param_partition_specs(model, config))
+        ids = jnp.zeros((1, config.train.seq_len), jnp.int32)
+        with sharding.use_mesh(mesh):
+            params = jax.jit(
+                lambda r: nn.unbox(model.init({"params": r}, ids)["params"]),
+                out_shardings=shardings,
+            )(jax.random.PRNGKey(config.seed))
+        tok = tok or pretrained.tokenizer_path(config, workdir=_WORKDIR.value)
     else:
         params, step = pretrained.params_from_workdir(config, _WORKDIR.value, mesh, _STEP.value)
         logging.info("restored step %d", step)
@@ -107,7 +129,7 @@ def run() -> dict:
     summary["source"] = {
         "workdir": _WORKDIR.value,
         "hf_dir": _HF_DIR.value,
-        "step": _STEP.value,
+        "step": "random_init" if _RANDOM_INIT.value else _STEP.value,
         "tokenizer": tok_path,
         "text_files": {d.name: list(d.files) for d in domains},
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

@@ -30,7 +30,7 @@ from glam_jax.analysis import (
 )
 from glam_jax.analysis import stats as stats_lib
 from glam_jax.analysis.texts import TextBatch, read_text, text_batches
-from glam_jax.analysis.token_classes import classify_vocab
+from glam_jax.analysis.token_classes import TokenClassifier, token_words
 from glam_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from glam_jax.model import cast_for_compute
 from glam_jax.moe import MoE
@@ -176,16 +176,16 @@ def test_repeat_rates_and_mutual_information_match_numpy_references():
     scored[1, 0] = False  # a BOS
     domain = np.array([0, 1, 0])
     token_class = np.array([0, 1, 1, 2, 0])
-    batch = TextBatch(tokens, segment, np.zeros_like(tokens), scored, domain)
+    batch = TextBatch(tokens, token_class[tokens], segment, np.zeros_like(tokens), scored, domain)
     st = stats_lib.RoutingStats(
         num_layers=l,
         num_experts=e,
         k=k,
         domains=["a", "b"],
         class_names=["x", "y", "z"],
-        token_class_v=token_class,
+        vocab_size=v,
     )
-    st.update(ids, gates, tokens, scored, batch.pairs, domain)
+    st.update(ids, gates, tokens, token_class[tokens], scored, batch.pairs, domain)
     out = st.summary()
 
     for layer in range(l):
@@ -248,16 +248,37 @@ def test_js_divergence_and_uniform_chance_references():
     assert stats_lib.uniform_topk_chance(8, 2) == pytest.approx(1 - 15 / 28)  # Mixtral's 46%
 
 
-def test_token_classes_and_user_classes(tokenizer_path):
+def test_token_classes_follow_the_word_a_piece_sits_in(tokenizer_path):
+    """Each token of a known line gets the class of its word (or its own text outside words),
+    whatever pieces the 256-piece tokenizer cuts; a user class (tried first) takes its words."""
+    text = "def foo_bar(x):\n    return 42 + The\nking of myVar"
+    expected = {
+        "def": "code_keyword",
+        "foo_bar": "identifier",
+        "x": "other",
+        "return": "code_keyword",
+        "42": "digits",
+        "The": "function_word",
+        "king": "vowels",
+        "of": "function_word",
+        "myVar": "identifier",
+    }
+    classifier = TokenClassifier(select_classes(extra=[regex_class("vowels=k[aeiou]ng")]))
+    assert classifier.names[0] == "vowels" and classifier.names[-2:] == ["other", "special"]
     tok = load_tokenizer(tokenizer_path)
-    classes = select_classes(extra=[regex_class("vowel=[aeiou]")])
-    class_v, names = classify_vocab(tok, classes, 256)
-    assert names[0] == "vowel" and names[-2:] == ["other", "special"]
-    by_piece = {tok.id_to_piece(i): names[class_v[i]] for i in range(tok.vocab_size())}
-    assert by_piece["\n"] == "whitespace" and by_piece["a"] == "vowel"
-    assert by_piece.get(",", "punctuation") == "punctuation"
-    assert names[class_v[tok.bos_id()]] == "special"
-    assert class_v.shape == (256,)
+    ids, classes = classifier.encode(tok, text)
+    surfaces = [p.surface for p in tok.encode(text, return_type="proto").pieces]
+    assert "".join(surfaces) == text and len(ids) == len(classes) == len(surfaces)
+    words = token_words(surfaces)
+    for surface, word, c in zip(surfaces, words, classes, strict=True):
+        name = classifier.names[c]
+        if word:
+            assert word in expected and name == expected[word], (surface, word, name)
+        elif surface.strip():
+            assert name == "punctuation", (surface, name)
+        else:
+            assert name == "whitespace", (surface, name)
+    assert set(words) == set(expected) | {""}
 
 
 # ---- a mesh, and batches ------------------------------------------------------------------
@@ -288,7 +309,8 @@ def test_analysis_on_a_2_4_1_mesh_equals_one_device(texts, tokenizer_path):
 def test_batches_pack_documents_and_mark_pairs(texts, tokenizer_path):
     tok = load_tokenizer(tokenizer_path)
     domains = _domains(texts)
-    batches = list(text_batches(domains, tok, rows=4, length=64, max_tokens=300))
+    classifier = TokenClassifier(select_classes())
+    batches = list(text_batches(domains, tok, classifier, rows=4, length=64, max_tokens=300))
     tokens = np.concatenate([bt.tokens[bt.domain == 1] for bt in batches])
     first = [tok.bos_id(), *tok.encode(read_text(domains[1].files[0]))]
     assert tokens.ravel()[:300].tolist() == first[:300]  # packed in order, up to the budget
@@ -296,6 +318,7 @@ def test_batches_pack_documents_and_mark_pairs(texts, tokenizer_path):
         assert not bt.pairs[:, 0].any()
         assert not (bt.pairs & ~bt.scored).any()
         assert (bt.tokens[bt.scored] != tok.bos_id()).all()
+        assert (bt.token_class[bt.tokens == tok.bos_id()] == classifier.special).all()
         jumps = bt.segment_ids[:, 1:] != bt.segment_ids[:, :-1]
         assert not (bt.pairs[:, 1:] & jumps).any()
     assert sum(bt.scored[bt.domain == 0].sum() for bt in batches) <= 300
@@ -320,7 +343,7 @@ def test_bad_input_is_refused_in_one_sentence(tmp_path, tokenizer_path):
     domains = parse_text_files(f"prose={empty}")
     tok = load_tokenizer(tokenizer_path)
     with pytest.raises(AnalysisError) as err:
-        list(text_batches(domains, tok, rows=2, length=16, max_tokens=0))
+        list(text_batches(domains, tok, TokenClassifier([]), rows=2, length=16, max_tokens=0))
     assert f"text file {str(empty)!r} is empty" in _one_sentence(err)
 
     with pytest.raises(AnalysisError) as err:

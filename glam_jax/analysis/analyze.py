@@ -62,17 +62,15 @@ def analyze(
         )
     collector = RoutingCollector(config, mesh, return_logits=False)
     classes = classes_lib.select_classes() if classes is None else classes
-    token_class_v, class_names = classes_lib.classify_vocab(
-        tokenizer, classes, config.model.vocab_size
-    )
+    classifier = classes_lib.TokenClassifier(classes)
     layers = moe_layer_indices(config)
     stats = RoutingStats(
         num_layers=len(layers),
         num_experts=config.moe.num_experts,
         k=config.moe.num_selected,
         domains=[d.name for d in domains],
-        class_names=class_names,
-        token_class_v=token_class_v,
+        class_names=classifier.names,
+        vocab_size=config.model.vocab_size,
     )
     bar = None
     if progress:
@@ -80,23 +78,26 @@ def analyze(
 
         total = texts_lib.estimate_tokens(domains, max_tokens_per_domain)
         bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     batches = texts_lib.text_batches(
-        domains, tokenizer, rows=rows, length=length, max_tokens=max_tokens_per_domain
+        domains, tokenizer, classifier, rows=rows, length=length, max_tokens=max_tokens_per_domain
     )
     try:
         for batch in batches:
             _, ids, gates = collector(params, batch.tokens, batch.segment_ids, batch.positions)
-            stats.update(ids, gates, batch.tokens, batch.scored, batch.pairs, batch.domain)
+            stats.update(
+                ids, gates, batch.tokens, batch.token_class, batch.scored, batch.pairs, batch.domain
+            )
             if bar is not None:
                 bar.update(int(batch.scored.sum()))
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     summary = stats.summary()
     summary["moe_layer_index"] = layers
-    summary["seconds"] = seconds
+    summary["seconds"] = seconds  # wall time of the loop (reading, routing, counting)
+    summary["cpu_seconds"] = cpu_seconds  # CPU time of this process over the loop, all threads
     summary["top_tokens"] = [
         [
             [

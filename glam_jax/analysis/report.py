@@ -111,7 +111,8 @@ def markdown(summary: dict, title: str) -> str:
         "",
         f"{s['tokens']:,} tokens ({per_domain}), "
         f"{s['num_moe_layers']} MoE layers of {s['num_experts']} experts, top-{k}; "
-        f"analysed in {s.get('seconds', float('nan')):.1f} s.",
+        f"analysed in {s.get('seconds', float('nan')):.1f} s wall "
+        f"({s.get('cpu_seconds', float('nan')):.1f} s of CPU time).",
         "",
         "Repeat: share of consecutive tokens of one document whose top-1 expert is the same "
         f"(and whose top-{k} sets overlap), beside the rate for independent tokens of the same "

@@ -124,13 +124,12 @@ class RoutingStats:
         k: int,
         domains: Sequence[str],
         class_names: Sequence[str],
-        token_class_v: np.ndarray,
+        vocab_size: int,
     ):
         self.num_layers, self.num_experts, self.k = num_layers, num_experts, k
         self.domains, self.class_names = list(domains), list(class_names)
-        self.token_class_v = np.asarray(token_class_v, np.int64)
+        self.vocab_size = v = vocab_size
         l, e, d, c = num_layers, num_experts, len(self.domains), len(self.class_names)
-        v = len(self.token_class_v)
         self.assign_lde = np.zeros((l, d, e), np.int64)  # top-k assignments
         self.top1_ldce = np.zeros((l, d, c, e), np.int64)  # top-1 by domain and token class
         self.top1_lev = np.zeros((l, e, v), np.int32)  # for top tokens and I(expert; token)
@@ -147,19 +146,20 @@ class RoutingStats:
         ids_lbsk: np.ndarray,
         gates_lbsk: np.ndarray,
         tokens_bs: np.ndarray,
+        classes_bs: np.ndarray,
         scored_bs: np.ndarray,
         pair_bs: np.ndarray,
         domain_b: np.ndarray,
     ) -> None:
-        """Adds one batch. scored_bs: tokens that count; pair_bs: see `repeat_counts`;
-        domain_b: each row's domain index."""
+        """Adds one batch. classes_bs: each token's class index; scored_bs: tokens that count;
+        pair_bs: see `repeat_counts`; domain_b: each row's domain index."""
         ids_lbsk = np.asarray(ids_lbsk, np.int64)
-        e, v = self.num_experts, len(self.token_class_v)
+        e, v = self.num_experts, self.vocab_size
         scored_bs = np.asarray(scored_bs, bool)
         domain_bs = np.broadcast_to(np.asarray(domain_b)[:, None], scored_bs.shape)
         dom_n = domain_bs[scored_bs]  # [N] over scored tokens
         tok_n = np.asarray(tokens_bs)[scored_bs]
-        cls_n = self.token_class_v[tok_n]
+        cls_n = np.asarray(classes_bs, np.int64)[scored_bs]
         d, c = len(self.domains), len(self.class_names)
         self.class_dc += np.bincount(dom_n * c + cls_n, minlength=d * c).reshape(d, c)
         self.tokens += int(scored_bs.sum())

@@ -1,6 +1,7 @@
 """Labelled text for routing analysis: `domain=GLOB` specs -> batches of packed rows.
 
-Each file is one document (BOS, its pieces, EOS); a domain's documents are packed one after
+Each file is one document (BOS, its pieces, EOS; every token with its class, see
+token_classes.py); a domain's documents are packed one after
 another into rows of S tokens, a document running on into the next row where it is longer,
 so no padding is spent inside a domain. Every row holds one domain. A budget of tokens per
 domain keeps the domains balanced and the run bounded; files are read lazily, one at a time.
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from glam_jax.analysis.errors import AnalysisError
+from glam_jax.analysis.token_classes import TokenClassifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,7 @@ class TextBatch:
     (everything but padding and BOS); `domain` is each row's domain index."""
 
     tokens: np.ndarray  # [B, S] int32
+    token_class: np.ndarray  # [B, S] int32, index into the classifier's names
     segment_ids: np.ndarray  # [B, S] int32
     positions: np.ndarray  # [B, S] int32
     scored: np.ndarray  # [B, S] bool
@@ -81,42 +84,52 @@ def read_text(path: str) -> str:
 
 
 def _domain_rows(
-    domain: Domain, tokenizer, length: int, max_tokens: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(tokens, segment_ids, positions) rows of one domain, up to max_tokens tokens."""
-    row_tok, row_seg, row_pos, emitted = [], [], [], 0
+    domain: Domain, tokenizer, classifier: TokenClassifier, length: int, max_tokens: int
+) -> Iterator[np.ndarray]:
+    """[4, S] rows (tokens, token classes, segment ids, positions) of one domain, up to
+    max_tokens tokens."""
+    row: list[list[int]] = [[], [], [], []]
+    emitted = 0
     for path in domain.files:
-        ids = [tokenizer.bos_id(), *tokenizer.encode(read_text(path)), tokenizer.eos_id()]
-        ids = ids[: max_tokens - emitted] if max_tokens else ids
+        ids, classes = classifier.encode(tokenizer, read_text(path))
+        special = classifier.special
+        ids = [tokenizer.bos_id(), *ids, tokenizer.eos_id()]
+        classes = [special, *classes.tolist(), special]
+        if max_tokens:
+            ids, classes = ids[: max_tokens - emitted], classes[: max_tokens - emitted]
         start = 0
         while start < len(ids):
-            take = min(length - len(row_tok), len(ids) - start)
-            segment = (row_seg[-1] + 1) if row_seg else 1
-            row_tok += ids[start : start + take]
-            row_seg += [segment] * take
-            row_pos += list(range(take))
+            take = min(length - len(row[0]), len(ids) - start)
+            segment = (row[2][-1] + 1) if row[2] else 1
+            row[0] += ids[start : start + take]
+            row[1] += classes[start : start + take]
+            row[2] += [segment] * take
+            row[3] += list(range(take))
             start += take
-            if len(row_tok) == length:
-                yield np.array(row_tok), np.array(row_seg), np.array(row_pos)
-                row_tok, row_seg, row_pos = [], [], []
+            if len(row[0]) == length:
+                yield np.array(row)
+                row = [[], [], [], []]
         emitted += len(ids)
         if max_tokens and emitted >= max_tokens:
             break
-    if row_tok:
-        pad = length - len(row_tok)
-        yield (
-            np.array(row_tok + [0] * pad),
-            np.array(row_seg + [0] * pad),
-            np.array(row_pos + [0] * pad),
-        )
+    if row[0]:
+        out = np.zeros((4, length), np.int64)
+        out[:, : len(row[0])] = row
+        yield out
 
 
 def text_batches(
-    domains: Sequence[Domain], tokenizer, *, rows: int, length: int, max_tokens: int
+    domains: Sequence[Domain],
+    tokenizer,
+    classifier: TokenClassifier,
+    *,
+    rows: int,
+    length: int,
+    max_tokens: int,
 ) -> Iterator[TextBatch]:
     """Batches of `rows` rows, the domains' rows interleaved; the last batch is padded."""
-    streams = [_domain_rows(d, tokenizer, length, max_tokens) for d in domains]
-    pending: list[tuple[int, tuple[np.ndarray, ...]]] = []
+    streams = [_domain_rows(d, tokenizer, classifier, length, max_tokens) for d in domains]
+    pending: list[tuple[int, np.ndarray]] = []
     active = list(range(len(streams)))
     while active:
         for d in list(active):
@@ -134,14 +147,14 @@ def text_batches(
 
 def _batch(pending, length: int, bos: int, rows: int = 0) -> TextBatch:
     rows = rows or len(pending)
-    arrays = np.zeros((3, rows, length), np.int32)
+    arrays = np.zeros((4, rows, length), np.int32)
     domain = np.zeros(rows, np.int32)
     for r, (d, row) in enumerate(pending):
         arrays[:, r] = row
         domain[r] = d
-    tokens, segment_ids, positions = arrays
+    tokens, token_class, segment_ids, positions = arrays
     scored = (segment_ids > 0) & (tokens != bos)
-    return TextBatch(tokens, segment_ids, positions, scored, domain)
+    return TextBatch(tokens, token_class, segment_ids, positions, scored, domain)
 
 
 def estimate_tokens(domains: Sequence[Domain], max_tokens: int) -> int:

@@ -1,18 +1,22 @@
-"""Token classes for routing analysis: each vocabulary piece gets exactly one class.
+"""Token classes for routing analysis, decided per token occurrence from the token's text and
+the word it sits in, so a sub-word piece of `foo_bar` counts as an identifier and the pieces of
+`Westminster` as a capitalised word, whatever the tokenizer's vocabulary.
 
-Classes are tried in order and the first whose predicate accepts the piece's text wins, so a
-piece that is both a Python keyword and an English word ('in', 'for', 'not') falls into the
-class listed first. Users add classes with `TokenClass(name, predicate)` or, from the command
-line, a regular expression (`regex_class`). Pieces no class accepts are 'other'; control pieces
-(BOS, EOS, padding, unknown) are 'special'.
+Each token gets exactly one class: the first class (in order) whose predicate accepts it, so a
+word that is both a Python keyword and an English function word ('in', 'for', 'not') falls
+into the class listed first. A predicate sees the token's text (its surface in the document,
+spaces as spaces) and its word: the run of word characters (`\\w+`) that holds the token's
+first word character, or '' for a token with none. Users add classes with
+`TokenClass(name, predicate)` or, from the command line, a regular expression (`regex_class`).
+Tokens no class accepts are 'other'; BOS and EOS are 'special'.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import keyword
 import re
-import string
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -22,7 +26,7 @@ from glam_jax.analysis.errors import AnalysisError
 OTHER, SPECIAL = "other", "special"
 
 # The most frequent English function words (articles, pronouns, prepositions, conjunctions,
-# auxiliaries), lower case.
+# auxiliaries, and Shakespeare's thou/thee/thy), lower case.
 FUNCTION_WORDS = frozenset(
     """a an the and or but nor so yet if as at by for from in into of off on onto out over to up
     with about after before between through under until upon within without i me my mine we us
@@ -30,68 +34,52 @@ FUNCTION_WORDS = frozenset(
     which what there here is are was were be been being am do does did have has had will would
     shall should can could may might must not no thou thee thy thine""".split()
 )
-# Python keywords and builtin constants that are not also English function words.
+# Python keywords and a few names every program uses, less those that are English function words.
 CODE_KEYWORDS = (
-    frozenset(
-        set(keyword.kwlist) | set(keyword.softkwlist) | {"self", "cls", "print", "len", "range"}
-    )
-    - FUNCTION_WORDS
-)
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+    frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {"self", "cls"}
+) - FUNCTION_WORDS
+_WORD = re.compile(r"\w+")
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenClass:
-    """A named class of pieces; `matches` gets the piece's text with SentencePiece's '▁' as a
-    space (leading/trailing spaces kept, so whitespace pieces can be recognised)."""
+    """A named class of tokens; `matches(text, word)` as in the module docstring."""
 
     name: str
-    matches: Callable[[str], bool]
+    matches: Callable[[str, str], bool]
 
 
-def _word(text: str) -> str:
-    return text.strip()
-
-
-def _is_whitespace(text: str) -> bool:
+def _is_whitespace(text: str, word: str) -> bool:
     return text != "" and text.strip() == ""
 
 
-def _is_punctuation(text: str) -> bool:
-    word = _word(text)
-    return word != "" and all(c in string.punctuation or not c.isalnum() for c in word)
+def _is_punctuation(text: str, word: str) -> bool:
+    body = text.strip()
+    return body != "" and not any(c.isalnum() or c == "_" for c in body)
 
 
-def _is_digits(text: str) -> bool:
-    word = _word(text)
-    return (
-        word != ""
-        and any(c.isdigit() for c in word)
-        and all(c.isdigit() or c in ".,_" for c in word)
-    )
+def _is_digits(text: str, word: str) -> bool:
+    return word.isdigit()
 
 
-def _is_code_keyword(text: str) -> bool:
-    return _word(text) in CODE_KEYWORDS
+def _is_code_keyword(text: str, word: str) -> bool:
+    return word in CODE_KEYWORDS
 
 
-def _is_function_word(text: str) -> bool:
-    return _word(text).lower() in FUNCTION_WORDS
+def _is_function_word(text: str, word: str) -> bool:
+    return word.lower() in FUNCTION_WORDS
 
 
-def _is_capitalised(text: str) -> bool:
-    word = _word(text)
-    return word[:1].isupper() and word.isalpha()
-
-
-def _is_identifier(text: str) -> bool:
-    """Looks like a program name rather than an English word: snake_case, camelCase, or letters
-    mixed with digits."""
-    word = _word(text)
-    if not _IDENTIFIER.fullmatch(word):
+def _is_identifier(text: str, word: str) -> bool:
+    """A program name rather than an English word: snake_case, camelCase or letters with digits."""
+    if not word or word[0].isdigit():
         return False
-    has_inner_upper = any(c.isupper() for c in word[1:]) and any(c.islower() for c in word)
-    return "_" in word or has_inner_upper or any(c.isdigit() for c in word)
+    inner_upper = any(c.isupper() for c in word[1:]) and any(c.islower() for c in word)
+    return "_" in word or inner_upper or any(c.isdigit() for c in word)
+
+
+def _is_capitalised(text: str, word: str) -> bool:
+    return word[:1].isupper() and word.isalpha()
 
 
 DEFAULT_CLASSES: tuple[TokenClass, ...] = (
@@ -107,7 +95,7 @@ CLASS_NAMES = tuple(c.name for c in DEFAULT_CLASSES)
 
 
 def regex_class(spec: str) -> TokenClass:
-    """'name=REGEX' -> a class of pieces whose stripped text fully matches REGEX."""
+    """'name=REGEX' -> tokens whose word (or, outside words, stripped text) fully matches."""
     name, sep, pattern = spec.partition("=")
     name = name.strip()
     if not sep or not name or not pattern:
@@ -118,7 +106,7 @@ def regex_class(spec: str) -> TokenClass:
         raise AnalysisError(
             f"token class {name!r} has an invalid regular expression ({err})."
         ) from None
-    return TokenClass(name, lambda text: compiled.fullmatch(text.strip()) is not None)
+    return TokenClass(name, lambda text, word: compiled.fullmatch(word or text.strip()) is not None)
 
 
 def select_classes(
@@ -145,26 +133,44 @@ def select_classes(
     return chosen
 
 
-def piece_text(tokenizer, i: int) -> str | None:
-    """The text a piece stands for ('▁' -> space, byte pieces decoded), None for control pieces."""
-    if tokenizer.is_control(i) or tokenizer.is_unknown(i):
-        return None
-    piece = tokenizer.id_to_piece(i)
-    if tokenizer.is_byte(i):
-        return bytes([int(piece[3:5], 16)]).decode("latin-1")
-    return piece.replace("\u2581", " ")
+def token_words(surfaces: Sequence[str]) -> list[str]:
+    """For each token (its surface text, in order), the word holding its first word character."""
+    text = "".join(surfaces)
+    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    starts = [s for s, _ in spans]
+    words, pos = [], 0
+    for surface in surfaces:
+        first = next((i for i, ch in enumerate(surface) if ch.isalnum() or ch == "_"), None)
+        word = ""
+        if first is not None:
+            j = bisect.bisect_right(starts, pos + first) - 1
+            if j >= 0 and spans[j][0] <= pos + first < spans[j][1]:
+                word = text[spans[j][0] : spans[j][1]]
+        words.append(word)
+        pos += len(surface)
+    return words
 
 
-def classify_vocab(
-    tokenizer, classes: Sequence[TokenClass], vocab_size: int
-) -> tuple[np.ndarray, list[str]]:
-    """(class id of every token id [vocab_size], class names). The names are the classes in
-    order, then 'other' and 'special'; ids past the tokenizer's vocabulary are 'special'."""
-    names = [c.name for c in classes] + [OTHER, SPECIAL]
-    out = np.full(vocab_size, names.index(SPECIAL), np.int32)
-    for i in range(min(tokenizer.vocab_size(), vocab_size)):
-        text = piece_text(tokenizer, i)
-        if text is None:
-            continue
-        out[i] = next((j for j, c in enumerate(classes) if c.matches(text)), names.index(OTHER))
-    return out, names
+class TokenClassifier:
+    """Tokenises text and gives every token its class index into `names`."""
+
+    def __init__(self, classes: Sequence[TokenClass]):
+        self.classes = list(classes)
+        self.names = [c.name for c in self.classes] + [OTHER, SPECIAL]
+        self.special = len(self.names) - 1
+        self._cache: dict[tuple[str, str], int] = {}
+
+    def classify(self, text: str, word: str) -> int:
+        key = (text, word)
+        if key not in self._cache:
+            found = (i for i, c in enumerate(self.classes) if c.matches(text, word))
+            self._cache[key] = next(found, len(self.classes))  # 'other'
+        return self._cache[key]
+
+    def encode(self, tokenizer, text: str) -> tuple[list[int], np.ndarray]:
+        """(token ids, class index per token) of `text`, without BOS/EOS."""
+        pieces = tokenizer.encode(text, return_type="proto").pieces
+        surfaces = [p.surface for p in pieces]
+        words = token_words(surfaces)
+        classes = [self.classify(s, w) for s, w in zip(surfaces, words, strict=True)]
+        return [p.id for p in pieces], np.asarray(classes, np.int32)

@@ -75,25 +75,32 @@ class DistillSettings:
 
 def soft_cross_entropy(
     student_logits_btv: jax.Array, teacher_logits_btv: jax.Array, temperature: float
-) -> jax.Array:
-    """Per-token CE [batch, length] of softmax(student/T) against softmax(teacher/T), float32."""
-    teacher_probs_btv = jax.nn.softmax(
+) -> tuple[jax.Array, jax.Array]:
+    """(CE of softmax(student/T) against softmax(teacher/T), the teacher's entropy at T), each
+    per token [batch, length] in float32; their difference is the KL divergence."""
+    teacher_logp_btv = jax.nn.log_softmax(
         jax.lax.stop_gradient(teacher_logits_btv).astype(jnp.float32) / temperature, axis=-1
     )
-    return optax.softmax_cross_entropy(
-        student_logits_btv.astype(jnp.float32) / temperature, teacher_probs_btv
+    teacher_p_btv = jnp.exp(teacher_logp_btv)
+    soft_bt = optax.softmax_cross_entropy(
+        student_logits_btv.astype(jnp.float32) / temperature, teacher_p_btv
     )
+    return soft_bt, -jnp.sum(teacher_p_btv * teacher_logp_btv, axis=-1)
 
 
 def _objective(
     logits_btv, ce, weights_bt, denom, *, teacher_logits_btv, settings: DistillSettings
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The token objective of `steps.loss_and_metrics`: the hard CE `ce` mixed with the soft CE
-    (padding, weight 0, counts in neither; both are means over the same real tokens)."""
-    soft_bt = soft_cross_entropy(logits_btv, teacher_logits_btv, settings.temperature)
+    (padding, weight 0, counts in neither; both are means over the same real tokens). Metrics:
+    soft_loss (the soft CE) and soft_kl (it less the teacher's entropy: 0 when the student
+    matches the teacher, so comparable from batch to batch)."""
+    soft_bt, entropy_bt = soft_cross_entropy(logits_btv, teacher_logits_btv, settings.temperature)
     soft = jnp.sum(soft_bt * weights_bt) / denom
+    kl = soft - jnp.sum(entropy_bt * weights_bt) / denom
     scale = settings.temperature**2 if settings.scale_soft_by_t2 else 1.0
-    return settings.hard_weight * ce + settings.soft_weight * scale * soft, {"soft_loss": soft}
+    objective = settings.hard_weight * ce + settings.soft_weight * scale * soft
+    return objective, {"soft_loss": soft, "soft_kl": kl}
 
 
 def distillation_loss(
@@ -388,7 +395,7 @@ def _size(config) -> dict[str, Any]:
 def _first_last(workdir: str, start_step: int) -> dict[str, float]:
     rows = [r for r in read_metrics(workdir) if "loss" in r and r["step"] > start_step]
     out = {}
-    for key in ("loss", "ce_loss", "soft_loss"):
+    for key in ("loss", "ce_loss", "soft_loss", "soft_kl"):
         values = [r[key] for r in rows if key in r]
         if values:
             out[f"train_{key}_first"], out[f"train_{key}_last"] = values[0], values[-1]

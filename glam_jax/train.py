@@ -147,6 +147,7 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
             "load_loss",
             "logits_z_loss",
             "soft_loss",
+            "soft_kl",
             "learning_rate",
             "grad_norm",
             "expert_load",

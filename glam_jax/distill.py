@@ -319,6 +319,21 @@ def _resolve_tokenizer(config, teacher_config, teacher_workdir: str) -> None:
         )
 
 
+def _same_tokenizer(tokenizer_path: str, other_config, other_workdir: str) -> None:
+    """Refuses a dense baseline trained with another tokenizer (where its own can be found)."""
+    try:
+        other = pretrained.tokenizer_path(other_config, other_workdir)
+    except pretrained.PretrainedError:
+        return
+    proto = tokenizer_lib.load_tokenizer(other).serialized_model_proto()
+    if proto != tokenizer_lib.load_tokenizer(tokenizer_path).serialized_model_proto():
+        raise DistillError(
+            f"the dense baseline's tokenizer {other} is another than the teacher's "
+            f"({tokenizer_path}); the losses would not be comparable, so train it with the "
+            "teacher's."
+        )
+
+
 # ---- training ----------------------------------------------------------------------------
 
 
@@ -454,6 +469,7 @@ def train_student(
             dense_baseline_workdir, "dense_baseline_workdir", dense_baseline_config
         )
         _same_vocabulary(teacher_config, dense_config, "dense baseline")
+        _same_tokenizer(config.data.tokenizer_path, dense_config, dense_baseline_workdir)
         dense = _FrozenModel(dense_config, dense_baseline_workdir)
 
     teacher = _FrozenModel(teacher_config, teacher_workdir)

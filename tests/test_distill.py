@@ -325,6 +325,18 @@ def test_dense_baseline_with_another_vocabulary_is_refused(fake_teacher, tmp_pat
         )
 
 
+def test_dense_baseline_with_another_tokenizer_is_refused(fake_teacher, tmp_path):
+    dense = str(tmp_path / "dense")
+    os.makedirs(os.path.join(dense, "checkpoints", "5"))
+    config = checkpoint.load_run_config(str(fake_teacher / "dense"))
+    config.data.tokenizer_path = str(fake_teacher / "bpe.model")
+    checkpoint.save_run_config(config, dense)
+    with pytest.raises(DistillError, match="dense baseline's tokenizer .*bpe.model is another"):
+        distill.train_student(
+            str(fake_teacher / "teacher"), str(tmp_path / "student"), dense_baseline_workdir=dense
+        )
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -171,9 +171,9 @@ def train_and_evaluate(
     hooks = hooks or TrainHooks()
     os.makedirs(workdir, exist_ok=True)
     mesh, data, model, tx, ckpt, state, shardings = setup(config, workdir, hooks.init_state)
-    if jax.process_index() == 0:
-        checkpoint.save_run_config(config, workdir)
     primary = jax.process_index() == 0
+    if primary:
+        checkpoint.save_run_config(config, workdir)
     writer = MetricsWriter(workdir, enabled=primary)
     start_step = int(state.step)
     if primary:

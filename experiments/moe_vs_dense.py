@@ -44,6 +44,9 @@ _OUT = flags.DEFINE_string("out", str(REPO / "docs/research"), "JSON, plots and 
 _KEEP = flags.DEFINE_list("keep", [], "Runs (arm:seed) that keep their final checkpoint.")
 _SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rebuild plots/table from the JSON.")
+_MERGE = flags.DEFINE_list(
+    "merge", [], "Study JSON files whose runs join this study's (later files win per run)."
+)
 _PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Prepare the data, report, stop.")
 _MEASURE_PIPELINE = flags.DEFINE_integer(
     "measure_pipeline", 0, "Also time this many batches of the on-the-fly and cached pipelines."
@@ -103,11 +106,13 @@ def apply_overrides(config, overrides: list[str], corpus: str, cache_dir: str | 
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parsed = value
-        node, *path = key.split(".")
+        *parents, name = key.split(".")
         target = config
-        for part in [node, *path][:-1]:
-            target = target[part]
-        target[key.split(".")[-1]] = parsed
+        for part in parents:
+            target = target.get(part) if hasattr(target, "get") else None
+        if target is None or not hasattr(target, "get") or name not in target:
+            raise StudyError(f"--set {key!r} is not a field of the study config.")
+        target[name] = parsed
     if corpus:
         config.data.text_files = corpus
     if cache_dir:
@@ -164,51 +169,32 @@ def _time_batches(iterator, batches: int) -> float:
 
 def prepare(config, measure_batches: int) -> dict:
     """Prepares corpus, tokenizer and token cache once, timing each stage."""
-    from glam_jax.data import pipeline, text_corpus, token_cache
+    from glam_jax.data import pipeline
 
     data, cache = config.data, config.data.cache_dir
     out: dict = {"cpu_count": os.cpu_count()}
     start = time.perf_counter()
-    corpus = text_corpus.prepare_text_corpus(
-        text_corpus.resolve_text_files(data.text_files),
-        label="text",
-        embedded=False,
-        document_split=data.document_split,
-        validation_fraction=data.validation_fraction,
-        cache_dir=cache,
-        undecodable_files=data.undecodable_files,
-        max_document_chars=data.max_document_chars,
-    )
+    corpus = pipeline.open_corpus(data, cache)
     out["corpus_prepare_s"] = time.perf_counter() - start
     out["train_documents"], out["eval_documents"] = len(corpus.train), len(corpus.validation)
     start = time.perf_counter()
-    config.data.pretokenize = False  # the tokenizer alone first
+    data.pretokenize = False  # the tokenizer alone first (the corpus is cached now)
     bundle = pipeline.build_datasets(config, cache, process_index=0, process_count=1)
     out["tokenizer_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    tokenize = pipeline.DocumentTokenizer(bundle.tokenizer)
-    for split, source in (("train", corpus.train), ("validation", corpus.validation)):
-        docs = token_cache.tokenized_split(
-            source,
-            text_key=corpus.text_key,
-            tokenizer=bundle.tokenizer,
-            tokenize_many=tokenize.many,
-            corpus_identity=corpus.identity,
-            split=split,
-            cache_dir=cache,
-            threads=data.tokenize_threads,
-        )
-        out[f"{split}_tokens"] = docs.num_tokens
+    data.pretokenize = True
+    train, validation, _ = pipeline.document_sources(
+        corpus, bundle.tokenizer, pipeline.DocumentTokenizer(bundle.tokenizer), data, cache
+    )
     out["pretokenize_s"] = time.perf_counter() - start
-    out["tokens_per_s_pretokenize"] = (out["train_tokens"] + out["validation_tokens"]) / out[
+    out["train_tokens"], out["validation_tokens"] = train.num_tokens, validation.num_tokens
+    out["tokens_per_s_pretokenize"] = (train.num_tokens + validation.num_tokens) / out[
         "pretokenize_s"
     ]
     if measure_batches:
         out["tokens_per_s_on_the_fly"] = _time_batches(bundle.train_iter, measure_batches)
-        config.data.pretokenize = True
         cached = pipeline.build_datasets(config, cache, process_index=0, process_count=1)
         out["tokens_per_s_cached_rows"] = _time_batches(cached.train_iter, measure_batches)
-    config.data.pretokenize = True
     return out
 
 
@@ -304,29 +290,45 @@ def steps_to_reach(curve: dict, target: float) -> float | None:
 
 
 def summarise(study: dict) -> dict:
-    """Adds each arm's steps/wall-clock to the dense final loss, and the headline ratios."""
+    """Adds each run's steps and wall-clock to reach the final loss of the dense run with the
+    same seed (seed 0's where that seed has no dense run), and the headline ratios of the best
+    MoE arm of seed 0, plus the same ratios for every seed that has both runs."""
     arms = study["arms"]
-    dense = [a for a in arms if a["arm"] == "dense"]
+    dense = {a["seed"]: a for a in arms if a["arm"] == "dense"}
+    study.setdefault("distill_retained_fraction", None)  # set by experiments/distill.py runs
     if not dense:
         return study
-    base = min(dense, key=lambda a: a["seed"])  # seed 0 is the reference baseline
-    target = base["final_eval_loss"]
-    study["dense_final_eval_loss"] = target
+    base = dense.get(0) or dense[min(dense)]
+    study["dense_final_eval_loss"] = base["final_eval_loss"]
     for a in arms:
-        steps = steps_to_reach(a["eval_curve"], target)
+        ref = dense.get(a["seed"], base)
+        steps = steps_to_reach(a["eval_curve"], ref["final_eval_loss"])
+        a["dense_reference"] = run_name("dense", ref["seed"])
         a["steps_to_dense_loss"] = steps
         a["wallclock_to_dense_loss_s"] = None if steps is None else steps * a["step_time_s"]
     moes = [a for a in arms if a["arm"] != "dense" and a["seed"] == base["seed"]]
     if moes:
         best = min(moes, key=lambda a: a["final_eval_loss"])
         study["best_moe_arm"] = best["arm"]
-        reached = best["steps_to_dense_loss"]
-        study["steps_ratio_to_dense_loss"] = None if reached is None else reached / base["steps"]
-        study["wallclock_ratio_to_dense_loss"] = (
-            None
-            if reached is None
-            else best["wallclock_to_dense_loss_s"] / base["train_wallclock_s"]
+        study["steps_ratio_to_dense_loss"], study["wallclock_ratio_to_dense_loss"] = _ratios(
+            best, base
         )
+        study["paired_seeds"] = [
+            dict(
+                zip(
+                    ("seed", "steps_ratio", "wallclock_ratio", "loss_gap"),
+                    (
+                        seed,
+                        *_ratios(a, dense[seed]),
+                        dense[seed]["final_eval_loss"] - a["final_eval_loss"],
+                    ),
+                    strict=True,
+                )
+            )
+            for seed in sorted(dense)
+            for a in arms
+            if a["arm"] == best["arm"] and a["seed"] == seed
+        ]
     seeds = {}
     for a in arms:
         seeds.setdefault(a["arm"], []).append(a["final_eval_loss"])
@@ -338,6 +340,14 @@ def summarise(study: dict) -> dict:
     return study
 
 
+def _ratios(arm: dict, dense: dict) -> tuple[float | None, float | None]:
+    """(steps, wall-clock) an arm needs to reach `dense`'s final loss, as fractions of dense's."""
+    steps = steps_to_reach(arm["eval_curve"], dense["final_eval_loss"])
+    if steps is None:
+        return None, None
+    return steps / dense["steps"], steps * arm["step_time_s"] / dense["train_wallclock_s"]
+
+
 def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -347,7 +357,7 @@ def markdown_table(study: dict) -> str:
     head = (
         "| run | experts | router | total params | activated | GFLOP/token | tokens | "
         "step | train wall-clock | MFU | held-out loss | steps to dense loss | "
-        "wall-clock to dense loss |\n|" + "---|" * 13 + "\n"
+        "wall-clock (s) to dense loss |\n|" + "---|" * 13 + "\n"
     )
     rows = []
     for a in sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"])):
@@ -359,7 +369,7 @@ def markdown_table(study: dict) -> str:
             f"{a['step_time_s'] * 1e3:.1f} ms | {a['train_wallclock_s']:.0f} s | "
             f"{_fmt(a['mfu'] and 100 * a['mfu'], '.1f')}% | {a['final_eval_loss']:.4f} | "
             f"{_fmt(a.get('steps_to_dense_loss'), '.0f')} | "
-            f"{_fmt(a.get('wallclock_to_dense_loss_s'), '.0f')} s |"
+            f"{_fmt(a.get('wallclock_to_dense_loss_s'), '.0f')} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -374,11 +384,18 @@ def plot(study: dict, out: Path) -> list[str]:
     written = []
     for x_name, label in (("steps", "training step"), ("wallclock", "training wall-clock (s)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for a in sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"])):
+        runs = sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"]))
+        colours = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(a["arm"] for a in runs))}
+        for a in runs:  # one colour per arm, a dashed line for each further seed
             steps = a["eval_curve"]["step"]
             xs = steps if x_name == "steps" else [s * a["step_time_s"] for s in steps]
-            style = "-" if a["seed"] == 0 else "--"
-            ax.plot(xs, a["eval_curve"]["eval_loss"], style, label=run_name(a["arm"], a["seed"]))
+            ax.plot(
+                xs,
+                a["eval_curve"]["eval_loss"],
+                "-" if a["seed"] == 0 else "--",
+                color=colours[a["arm"]],
+                label=run_name(a["arm"], a["seed"]),
+            )
         if "dense_final_eval_loss" in study:
             ax.axhline(study["dense_final_eval_loss"], color="grey", lw=0.8, ls=":")
         losses = [x for a in study["arms"] for x in a["eval_curve"]["eval_loss"]]
@@ -425,6 +442,11 @@ def merge_arm(study: dict, record: dict) -> None:
 def run_study() -> None:
     out = Path(_OUT.value)
     study = load_study(out)
+    for path in _MERGE.value:
+        if not os.path.isfile(path):
+            raise StudyError(f"--merge names {path!r}, which is not an existing file.")
+        for record in json.loads(Path(path).read_text()).get("arms", []):
+            merge_arm(study, record)
     if _REPORT_ONLY.value:
         write_report(study, out)
         print(f"Rebuilt the report in {out} from {len(study['arms'])} runs.")
@@ -435,8 +457,12 @@ def run_study() -> None:
     if root.exists() and not root.is_dir():
         raise StudyError(f"--workdir={root} is an existing file; name a directory.")
     runs = [parse_run(spec) for spec in _RUNS.value]
-    corpus = "" if _SCALE.value == "tiny" and not _CORPUS.value else _CORPUS.value
-    corpus = corpus or ("" if _SCALE.value == "tiny" else default_corpus())
+    tfds = any(
+        item.startswith("data.tfds_name=") and item != "data.tfds_name=" for item in _SET.value
+    )
+    # The tiny scale reads the embedded corpus and a TFDS catalog dataset needs no files; the
+    # study's default corpus is this interpreter's installed Python sources.
+    corpus = _CORPUS.value or ("" if tfds or _SCALE.value == "tiny" else default_corpus())
     cache = str(root / "data")
     configs = {
         run: apply_overrides(

@@ -289,7 +289,7 @@ def _eval_batches(
         }
 
 
-def _open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus.Corpus:
+def open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus.Corpus:
     """The catalog dataset, else the text files, else the embedded corpus."""
     if data.tfds_name:
         return text_corpus.open_catalog_corpus(
@@ -317,7 +317,7 @@ def _open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus
     )
 
 
-def _document_sources(
+def document_sources(
     corpus: text_corpus.Corpus,
     tokenizer: spm.SentencePieceProcessor,
     tokenize: DocumentTokenizer,
@@ -387,7 +387,7 @@ def build_datasets(
     cache_dir = data.cache_dir or cache_dir
     if not cache_dir:
         raise DataError("no cache directory: set data.cache_dir or pass cache_dir.")
-    corpus = _open_corpus(data, str(cache_dir))
+    corpus = open_corpus(data, str(cache_dir))
     streams = num_streams(config, process_count)
     if len(corpus.train) < streams:
         raise DataError(
@@ -410,7 +410,7 @@ def build_datasets(
         seed=config.seed,
     )
     seq_len, tokenize = config.train.seq_len, DocumentTokenizer(tokenizer)
-    train_docs, eval_docs, doc_tokens = _document_sources(
+    train_docs, eval_docs, doc_tokens = document_sources(
         corpus, tokenizer, tokenize, data, cache_dir
     )
     per_process = streams // process_count  # each with its own data.worker_count workers

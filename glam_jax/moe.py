@@ -41,7 +41,11 @@ def group_tokens(num_tokens: int, group_size: int, num_shards: int = 1) -> tuple
 
 
 class MoE(nn.Module):
-    """Top-k sparse FFN: returns the combined expert outputs and a dict of routing stats."""
+    """Top-k sparse FFN: returns the combined expert outputs and a dict of routing stats.
+
+    Token-choice routers also `sow` ('intermediates', 'routing') = (expert ids, combine
+    weights), each [G, T, k], for glam_jax/analysis; nothing is stored unless asked for.
+    """
 
     config: Any  # FrozenConfigDict of the whole run config
     train: bool = False
@@ -112,6 +116,9 @@ class MoE(nn.Module):
             losses.update(importance_loss=jnp.zeros(()), load_loss=jnp.zeros(()))
         else:
             r = self._route(logits_gte, xr_gtm, rng, k)
+            # For glam_jax/analysis: each token's k expert ids and combine weights, [G, T, k].
+            # A no-op unless apply() makes 'intermediates' mutable, so training is unchanged.
+            self.sow("intermediates", "routing", (r.expert_index, r.combine_weights))
             mask_gtk = r.dispatch_mask
             if moe.dispatch == "dropless":
                 y_gtm = dispatch_lib.dropless_dispatch(

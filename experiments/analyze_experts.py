@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from glam_jax import config_checks, gpu_defaults, hf_checkpoint, pretrained, sharding, steps
+from glam_jax import cli, config_checks, gpu_defaults, hf_checkpoint, pretrained, sharding, steps
 from glam_jax.analysis import analyze, parse_text_files, regex_class, select_classes, write_report
 from glam_jax.analysis.collect import check_analysable
 from glam_jax.errors import GlamError
@@ -144,10 +144,7 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    try:
-        summary = run()
-    except GlamError as err:  # one sentence, no traceback
-        raise SystemExit(f"error: {err}") from None
+    summary = run()
     keys = ("repeat_rate_top1", "repeat_rate_chance", "mi_token_class", "mi_domain")
     print(json.dumps({key: [round(v, 4) for v in summary[key]] for key in keys}))
     print(f"{summary['tokens']} tokens in {summary['seconds']:.1f} s")
@@ -155,4 +152,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    app.run(main)
+    cli.run(main)  # a GlamError becomes one `error:` line

@@ -15,8 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs.base import get_base_config
-from glam_jax import distill, gpu_defaults
-from glam_jax.errors import GlamError
+from glam_jax import cli, distill, gpu_defaults
 
 _TEACHER = flags.DEFINE_string("teacher_workdir", None, "Trained MoE workdir (the teacher).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The student's workdir.")
@@ -46,25 +45,22 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    try:
-        result = distill.train_student(
-            _TEACHER.value,
-            _WORKDIR.value,
-            config_overrides=config_flags.get_override_values(flags.FLAGS["config"]),
-            teacher_config=_TEACHER_CONFIG.value,
-            dense_baseline_workdir=_DENSE.value,
-            hard_weight=_HARD.value,
-            soft_weight=_SOFT.value,
-            temperature=_TEMPERATURE.value,
-            scale_soft_by_t2=_T2.value,
-            init_from_teacher=_INIT.value,
-        )
-    except GlamError as err:  # a bad workdir, setting or config: one sentence, no traceback
-        raise SystemExit(f"error: {err}") from None
+    result = distill.train_student(
+        _TEACHER.value,
+        _WORKDIR.value,
+        config_overrides=config_flags.get_override_values(flags.FLAGS["config"]),
+        teacher_config=_TEACHER_CONFIG.value,
+        dense_baseline_workdir=_DENSE.value,
+        hard_weight=_HARD.value,
+        soft_weight=_SOFT.value,
+        temperature=_TEMPERATURE.value,
+        scale_soft_by_t2=_T2.value,
+        init_from_teacher=_INIT.value,
+    )
     keys = ("student_eval_loss", "teacher_eval_loss", "dense_eval_loss", "retained_fraction")
     print(json.dumps({key: result[key] for key in keys}))
 
 
 if __name__ == "__main__":
     gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    app.run(main)
+    cli.run(main)  # a GlamError (bad workdir, setting or config) becomes one `error:` line

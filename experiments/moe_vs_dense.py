@@ -27,6 +27,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from glam_jax import cli
 from glam_jax.study_report import (
     StudyError,
     arm_record,
@@ -308,13 +309,8 @@ def main(argv) -> None:
     global _CALLER_PLATFORMS
     _CALLER_PLATFORMS = os.environ.get("JAX_PLATFORMS", "")
     os.environ["JAX_PLATFORMS"] = "cpu"  # the driver only counts and prepares; runs get the GPU
-    from glam_jax.errors import GlamError
-
-    try:
-        run_study()
-    except (StudyError, GlamError) as err:
-        raise SystemExit(f"error: {err}") from None
+    run_study()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # a StudyError or GlamError becomes one `error:` line

@@ -10,10 +10,12 @@ import json
 import statistics
 from pathlib import Path
 
+from glam_jax.errors import GlamError
+
 JSON_NAME = "moe_vs_dense.json"
 
 
-class StudyError(ValueError):
+class StudyError(GlamError):
     """A bad flag, a failed run or a run without evaluations; the message is one sentence."""
 
 

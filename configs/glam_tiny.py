@@ -5,7 +5,7 @@ python experiments/train.py --config=configs/glam_tiny.py --workdir=/tmp/glam_ti
 
 import ml_collections
 
-from configs.base import get_base_config
+from glam_jax.presets.base import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

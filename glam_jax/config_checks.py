@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from glam_jax import dispatch, routing
 from glam_jax.errors import GlamError
 from glam_jax.layers import dtype_of
 from glam_jax.model import REMAT_POLICIES
+from glam_jax.moe import capacity, dispatch, routers
 
 
 class ConfigError(GlamError):
@@ -68,9 +68,10 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         return
     _need(moe.num_experts >= 1, f"moe.num_experts={moe.num_experts} must be >= 0.")
     _need(
-        moe.router in routing.ROUTERS,
-        f"moe.router={moe.router!r} is not valid; valid: {routing.ROUTERS}.",
+        moe.router in routers.ROUTERS,
+        f"moe.router={moe.router!r} is not valid; valid: {tuple(routers.ROUTERS)}.",
     )
+    spec = routers.ROUTERS[moe.router]
     _need(
         moe.dispatch in dispatch.DISPATCHES,
         f"moe.dispatch={moe.dispatch!r} is not valid; valid: {dispatch.DISPATCHES}.",
@@ -84,11 +85,11 @@ def check_model(config: ml_collections.ConfigDict) -> None:
             moe[name] > 0, f"moe.{name}={moe[name]} must be > 0 (1.25 train / 2.0 eval are usual)."
         )
     _need(
-        moe.capacity_convention in dispatch.CAPACITY_CONVENTIONS,
+        moe.capacity_convention in capacity.CAPACITY_CONVENTIONS,
         f"moe.capacity_convention={moe.capacity_convention!r} is not valid; "
-        f"valid: {dispatch.CAPACITY_CONVENTIONS}.",
+        f"valid: {capacity.CAPACITY_CONVENTIONS}.",
     )
-    fixed = routing.FIXED_K.get(moe.router)
+    fixed = spec.fixed_k
     _need(
         fixed is None or moe.num_selected == fixed,
         f"moe.router={moe.router!r} always picks {fixed} expert(s) per token, "
@@ -98,16 +99,8 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         1 <= moe.num_selected <= moe.num_experts,
         f"moe.num_selected={moe.num_selected} must be in [1, moe.num_experts={moe.num_experts}].",
     )
-    _need(
-        not (moe.router == "expert_choice" and moe.dispatch == "dropless"),
-        "moe.router='expert_choice' fixes each expert's capacity, so moe.dispatch='dropless' "
-        "does not apply; use 'einsum' or 'sort'.",
-    )
-    _need(
-        not (moe.router == "noisy_topk" and moe.num_selected >= moe.num_experts),
-        f"moe.router='noisy_topk' needs moe.num_selected < moe.num_experts, got "
-        f"{moe.num_selected} and {moe.num_experts}.",
-    )
+    complaint = spec.check(moe)
+    _need(complaint is None, complaint or "")
     _need(moe.group_size >= 1, f"moe.group_size={moe.group_size} must be >= 1.")
     _need(
         moe.expert_exchange in dispatch.EXCHANGES,

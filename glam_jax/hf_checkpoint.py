@@ -47,6 +47,8 @@ from safetensors.numpy import save_file
 from glam_jax import sharding
 from glam_jax.errors import GlamError
 from glam_jax.model import Transformer, frozen
+from glam_jax.presets.base import get_base_config
+from glam_jax.presets.mixtral import mixtral_architecture
 
 INDEX_FILE = "model.safetensors.index.json"
 BLOCK = ("blocks", "layer_0")
@@ -63,9 +65,6 @@ class HFCheckpointError(GlamError):
 # ---- config --------------------------------------------------------------------------------
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     """The glam_jax config of a Mixtral config.json (parameters and compute in its dtype)."""
-    from configs.base import get_base_config  # configs/ is a package of this project
-    from configs.mixtral import mixtral_architecture
-
     if hf.get("model_type") != "mixtral":
         raise HFCheckpointError(
             f"config.json has model_type={hf.get('model_type')!r}; only 'mixtral' checkpoints "

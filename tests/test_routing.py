@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glam_jax import routing
+from glam_jax.moe import routers as routing
 
 # Jitted with XLA's CPU backend optimisation off: the same maths, compiled several times faster.
 FAST = {"xla_backend_optimization_level": 0}

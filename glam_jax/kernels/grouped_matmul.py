@@ -10,8 +10,6 @@ GLaM shapes: reference/moe.md section 6).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -95,14 +93,3 @@ def _backward(residuals, dy_nm):
 
 
 grouped_matmul.defvjp(_forward, _backward)
-
-
-@functools.cache
-def register() -> bool:
-    """Adds 'mgpu' to the dropless dispatch's grouped-matmul table where it can run."""
-    from glam_jax import dispatch
-
-    if not available():
-        return False
-    dispatch.RAGGED_MATMULS["mgpu"] = grouped_matmul
-    return True

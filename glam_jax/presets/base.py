@@ -55,7 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.moe_index_in_block = 1  # which layer of a block holds the MoE FFN (1: dense then MoE)
     e.num_selected = 2  # k experts per token (top-k); routers with a fixed k check it
     e.expert_mlp_dim = 0  # hidden width of one expert; 0 = model.mlp_dim
-    e.router = "gshard_top2"  # see glam_jax/routing.py ROUTERS
+    e.router = "gshard_top2"  # a name in glam_jax/moe/routers.py ROUTERS
     e.dispatch = "einsum"  # 'einsum' (GShard one-hot), 'sort' (gather/scatter) or 'dropless'
     e.group_size = 1024  # tokens per routing group; capacity is computed per group
     e.capacity_factor_train = 1.25  # capacity multiplier while training

@@ -6,7 +6,7 @@ Sizes: 0_1b, 1_7b, 8b, 64b (all 64 experts, top-2, MoE every other layer).
 
 import ml_collections
 
-from configs.base import get_base_config
+from glam_jax.presets.base import get_base_config
 
 # name: (layers, embed M, mlp H, heads, head_dim, experts, paper total, paper activated)
 GLAM_SIZES = {

@@ -11,7 +11,7 @@ Hugging Face checkpoints of this family load through glam_jax/hf_checkpoint.py.
 
 import ml_collections
 
-from configs.base import get_base_config
+from glam_jax.presets.base import get_base_config
 
 # name: (layers, embed M, expert mlp H, heads, kv heads, head_dim, vocab, experts, max_len,
 #        rope theta, paper total, paper activated)

@@ -6,7 +6,7 @@ import ml_collections
 
 from glam_jax.errors import GlamError
 from glam_jax.layers import dtype_of
-from glam_jax.model import REMAT_POLICIES
+from glam_jax.model import REMAT_POLICIES, SegmentError, segments
 from glam_jax.moe import capacity, dispatch, routers
 
 
@@ -24,16 +24,10 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     mc, moe = config.model, config.moe
     for name in ("vocab_size", "num_layers", "embed_dim", "mlp_dim", "num_heads", "head_dim"):
         _need(mc[name] >= 1, f"model.{name}={mc[name]} must be >= 1.")
-    _need(moe.every >= 1, f"moe.every={moe.every} must be >= 1 (1 = every layer is MoE).")
-    _need(
-        mc.num_layers % moe.every == 0,
-        f"model.num_layers={mc.num_layers} must be a multiple of moe.every={moe.every} "
-        "(the scan body is one block of moe.every layers).",
-    )
-    _need(
-        0 <= moe.moe_index_in_block < moe.every,
-        f"moe.moe_index_in_block={moe.moe_index_in_block} must be in [0, moe.every={moe.every}).",
-    )
+    if mc.get("segments"):
+        _check_segments(config)
+    else:
+        _check_block(config)
     kv = mc.num_kv_heads or mc.num_heads
     _need(
         mc.num_heads % kv == 0,
@@ -110,6 +104,41 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         not (moe.expert_exchange == "all_to_all" and moe.dispatch == "dropless"),
         "moe.expert_exchange='all_to_all' exchanges fixed-capacity buffers, so it needs "
         "moe.dispatch='einsum' or 'sort', not 'dropless'.",
+    )
+
+
+def _check_block(config: ml_collections.ConfigDict) -> None:
+    """The default stack: one segment of moe.every-layer blocks."""
+    mc, moe = config.model, config.moe
+    _need(moe.every >= 1, f"moe.every={moe.every} must be >= 1 (1 = every layer is MoE).")
+    _need(
+        mc.num_layers % moe.every == 0,
+        f"model.num_layers={mc.num_layers} must be a multiple of moe.every={moe.every} "
+        "(the scan body is one block of moe.every layers).",
+    )
+    _need(
+        0 <= moe.moe_index_in_block < moe.every,
+        f"moe.moe_index_in_block={moe.moe_index_in_block} must be in [0, moe.every={moe.every}).",
+    )
+
+
+def _check_segments(config: ml_collections.ConfigDict) -> None:
+    """An explicit model.segments stack: parses, adds up to num_layers, MoE only with experts."""
+    mc = config.model
+    try:
+        stack = segments(config)
+    except SegmentError as err:
+        raise ConfigError(str(err)) from None
+    total = sum(seg.num_layers for seg in stack)
+    _need(
+        total == mc.num_layers,
+        f"model.segments={mc.segments!r} has {total} layers but model.num_layers="
+        f"{mc.num_layers}; make them agree.",
+    )
+    has_moe = any("moe" in seg.pattern for seg in stack)
+    _need(
+        not has_moe or config.moe.num_experts > 0,
+        f"model.segments={mc.segments!r} has MoE layers but moe.num_experts=0.",
     )
 
 

@@ -31,7 +31,9 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 def report(config, mesh_shape) -> dict:
     """{'params': {path: spec}, 'expert_placement': {device: [[ids per layer], ...]}}."""
+    import flax.linen as nn
     import jax
+    from jax.sharding import PartitionSpec
 
     from glam_jax import config_checks, sharding, steps
 
@@ -51,19 +53,20 @@ def report(config, mesh_shape) -> dict:
     )[0]
     params = {jax.tree_util.keystr(p, simple=True, separator="/"): str(s) for p, s in flat_specs}
     placement = {}
-    stacked = config.model.scan_layers  # wi_0 is [layers, E, M, H]; unrolled: one [E, M, H] each
-    for path, spec in flat_specs:
-        key = jax.tree_util.keystr(path, simple=True, separator="/")
-        if "/moe/" in key and key.endswith("wi_0"):
-            leaf = nn_value(abstract, path)
-            shard = jax.sharding.NamedSharding(mesh, spec)
-            for device, index in shard.devices_indices_map(leaf.shape).items():
-                experts = index[1] if stacked else index[0]
-                ids = list(range(leaf.shape[1 if stacked else 0]))[experts]
-                layers = len(range(leaf.shape[0])[index[0]]) if stacked else 1
-                placement.setdefault(device.id, []).extend([ids] * layers)
-            if stacked:
-                break
+    logical = jax.tree_util.tree_flatten_with_path(
+        nn.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )[0]
+    for (path, spec), (_, names) in zip(flat_specs, logical, strict=True):
+        if path[-1].key != "wi_0" or "expert" not in tuple(names):
+            continue  # one expert weight per MoE layer (stack) is enough to show placement
+        names = tuple(names)
+        leaf = nn_value(abstract, path)  # scanned: [layers, E, M, H]; unrolled: [E, M, H]
+        axis, stacked = names.index("expert"), names[0] == "layers"
+        shard = jax.sharding.NamedSharding(mesh, spec)
+        for device, index in shard.devices_indices_map(leaf.shape).items():
+            ids = list(range(leaf.shape[axis]))[index[axis]]
+            layers = len(range(leaf.shape[0])[index[0]]) if stacked else 1
+            placement.setdefault(device.id, []).extend([ids] * layers)
     return {"mesh": list(mesh_shape), "params": params, "expert_placement": placement}
 
 

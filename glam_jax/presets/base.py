@@ -41,7 +41,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     m.document_mask = True  # attention stays inside each document of a packed row. False lets
     # it cross documents (Megatron-LM's default) and spares cuDNN a dense [B, H, S, S]
     # mask-plus-bias; results are identical when every row holds one document.
-    m.scan_layers = True  # one nn.scan over the blocks (compiles once whatever the depth);
+    m.segments = ""  # layer stack as "(kind,...)*repeats ..." of FFN kinds dense|moe, e.g.
+    # "(dense)*2 (dense,moe)*3"; one scan per segment. "" = moe.every-layer blocks, one segment
+    m.scan_layers = True  # one nn.scan per segment (compiles once whatever the depth);
     # False unrolls them: no per-layer slicing of stacked weights/residuals, slower compiles
     m.remat_policy = "none"  # scan-body rematerialisation: see glam_jax/model.py REMAT_POLICIES
     m.remat_scope = "block"  # what remat covers: 'block' (the scan body) or 'ffn' (FFN/MoE only)

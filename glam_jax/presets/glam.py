@@ -1,12 +1,14 @@
 """The GLaM family (Du et al. 2021, Table of model sizes), as one config with a size variant.
 
-python experiments/train.py --config=configs/glam.py:size=1_7b --workdir=...
-Sizes: 0_1b, 1_7b, 8b, 64b (all 64 experts, top-2, MoE every other layer).
+python experiments/train.py --config=configs/glam.py:size=1_7b,experts=64 --workdir=...
+Sizes: 0_1b, 1_7b, 8b, 64b (all 64 experts, top-2, MoE every other layer); `experts=N`
+changes the expert count.
 """
 
 import ml_collections
 
 from glam_jax.presets.base import get_base_config
+from glam_jax.presets.variants import VariantError, parse_variant
 
 # name: (layers, embed M, mlp H, heads, head_dim, experts, paper total, paper activated)
 GLAM_SIZES = {
@@ -17,23 +19,31 @@ GLAM_SIZES = {
 }
 
 
-def parse_size(arg: str | None) -> str:
-    """'size=1_7b', '1_7b' or None (default 0_1b) -> a key of GLAM_SIZES."""
-    size = (arg or "0_1b").split("=", 1)[-1].strip().lower()
-    if size not in GLAM_SIZES:
-        raise ValueError(f"GLaM size {size!r} is not known; valid: {sorted(GLAM_SIZES)}.")
-    return size
+VARIANT = {"size": "0_1b", "experts": 0}  # experts 0: the size's own count
+
+
+def parse(arg: str | None) -> dict:
+    """'size=1_7b,experts=64', '1_7b' or None (default 0_1b) -> {'size', 'experts'}."""
+    variant = parse_variant(arg, VARIANT, positional="size", where="GLaM")
+    variant["size"] = variant["size"].lower()
+    if variant["size"] not in GLAM_SIZES:
+        raise VariantError(
+            f"GLaM size {variant['size']!r} is not known; valid: {sorted(GLAM_SIZES)}."
+        )
+    return variant
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size = parse_size(arg)
+    """A GLaM size (variant `size=`), optionally with another expert count (`experts=`)."""
+    variant = parse(arg)
+    size = variant["size"]
     layers, m, h, heads, head_dim, experts, total, activated = GLAM_SIZES[size]
     config = get_base_config()
     c = config.model
     c.num_layers, c.embed_dim, c.mlp_dim = layers, m, h
     c.num_heads, c.head_dim = heads, head_dim
     c.max_len = 1024  # GLaM trains on 1024-token sequences
-    config.moe.num_experts = experts
+    config.moe.num_experts = variant["experts"] or experts
     config.train.seq_len = 1024
     config.train.batch_size = 1024  # GLaM: 1M tokens per batch
     config.train.eval_batch_size = 256

@@ -12,6 +12,7 @@ Hugging Face checkpoints of this family load through glam_jax/hf_checkpoint.py.
 import ml_collections
 
 from glam_jax.presets.base import get_base_config
+from glam_jax.presets.variants import VariantError, parse_variant
 
 # name: (layers, embed M, expert mlp H, heads, kv heads, head_dim, vocab, experts, max_len,
 #        rope theta, paper total, paper activated)
@@ -23,10 +24,10 @@ MIXTRAL_SIZES = {
 
 def parse_size(arg: str | None) -> str:
     """'size=8x7b', '8x7b' or None (default tiny) -> a key of MIXTRAL_SIZES."""
-    size = (arg or "tiny").split("=", 1)[-1].strip().lower()
-    if size not in MIXTRAL_SIZES:
-        raise ValueError(f"Mixtral size {size!r} is not known; valid: {sorted(MIXTRAL_SIZES)}.")
-    return size
+    size = parse_variant(arg, {"size": "tiny"}, positional="size", where="Mixtral")["size"]
+    if size.lower() not in MIXTRAL_SIZES:
+        raise VariantError(f"Mixtral size {size!r} is not known; valid: {sorted(MIXTRAL_SIZES)}.")
+    return size.lower()
 
 
 def mixtral_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -53,6 +54,7 @@ def mixtral_architecture(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """A Mixtral size (variant `size=`): the published 8x7b shapes or a CPU-sized tiny one."""
     size = parse_size(arg)
     layers, m, h, heads, kv, head_dim, vocab, experts, max_len, theta, total, active = (
         MIXTRAL_SIZES[size]

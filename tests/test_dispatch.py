@@ -1,4 +1,4 @@
-"""The three dispatch paths of `glam_jax.dispatch` compute the same layer (moe.md §2).
+"""The dispatch paths of `glam_jax.moe.dispatch` compute one layer (docs/moe_reference.md 2).
 
 Function-level tests compare each path with a per-token numpy loop (capacity in priority
 order: all first choices in token order, then all second choices). Module-level tests check

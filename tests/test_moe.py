@@ -1,4 +1,4 @@
-"""`glam_jax.moe.MoE` against a naive per-token numpy loop (moe.md §1, §2, §4).
+"""`glam_jax.moe.MoE` against a naive per-token numpy loop (docs/moe_reference.md 1, 2).
 
 The reference takes the module's own parameter arrays and, per routing group: router logits
 x @ W_router, softmax, top-k, capacity C = min(max(ceil(k*T/E*cf), min_capacity), T) with

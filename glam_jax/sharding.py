@@ -6,13 +6,18 @@ each lands on the 2-D (data x expert) mesh, with an optional third `model` axis 
 parallelism. GShard layout: the batch is split over data*expert, expert weights over `expert`
 (and their hidden width over `model`), and the stacked `layers` axis is never split, so device
 d holds the same expert indices in every layer.
+
+A config can override or extend the table (`mesh.axis_rules`, pairs of logical name and mesh
+axes): `axis_rules(config)` builds the table, `use_rules` makes it the active one for
+everything traced or laid out inside, and every lookup here reads the active table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,6 +47,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("tokens", None),  # tokens inside one routing group
 )
 LOGICAL_AXES = frozenset(name for name, _ in LOGICAL_RULES)
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 class ShardingError(GlamError):
@@ -84,26 +90,72 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return Mesh(grid, MESH_AXES)
 
 
+def axis_rules(config=None) -> Rules:
+    """LOGICAL_RULES with the config's `mesh.axis_rules` pairs replacing entries of the same
+    logical name or, for new names, added at the end."""
+    overrides = tuple(config.mesh.get("axis_rules", ()) or ()) if config is not None else ()
+    table = dict(LOGICAL_RULES)
+    for pair in overrides:
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise ShardingError(
+                f"mesh.axis_rules entry {pair!r} must be a (logical name, mesh axes) pair."
+            )
+        name, axes = pair[0], pair[1]
+        axes = tuple(axes) if isinstance(axes, list | tuple) else axes
+        for axis in (axes,) if isinstance(axes, str) or axes is None else axes:
+            if axis is not None and axis not in MESH_AXES:
+                raise ShardingError(
+                    f"mesh.axis_rules maps {name!r} to {axis!r}, which is not a mesh axis; "
+                    f"valid: {MESH_AXES} or None."
+                )
+        table[name] = axes
+    return tuple(table.items())
+
+
+def active_rules() -> Rules:
+    """The rule table in force: the one `use_rules`/`use_mesh` set, else LOGICAL_RULES."""
+    return tuple(nn.get_logical_axis_rules()) or LOGICAL_RULES
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+    """Makes `rules` (see axis_rules) the active table for everything inside."""
+    with nn.logical_axis_rules(rules):
+        yield
+
+
+def with_config_rules(fn: Callable) -> Callable:
+    """Decorates an entry point fn(config, ...) to run under the config's rule table."""
+
+    @functools.wraps(fn)
+    def run(config, *args, **kwargs):
+        with use_rules(axis_rules(config)):
+            return fn(config, *args, **kwargs)
+
+    return run
+
+
 def check_logical_axes(names: Sequence[str | None], where: str = "") -> None:
-    """Raises if a logical axis name is not in LOGICAL_RULES (catches typos at trace time)."""
+    """Raises if a logical axis name is not in the rule table (catches typos at trace time)."""
+    known = {name for name, _ in active_rules()}
     for name in names:
-        if name is not None and name not in LOGICAL_AXES:
+        if name is not None and name not in known:
             raise ShardingError(
                 f"unknown logical axis {name!r}{' in ' + where if where else ''}; "
-                f"valid names: {sorted(LOGICAL_AXES)}."
+                f"valid names: {sorted(known)}."
             )
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
-    """Maps logical axis names to a PartitionSpec through LOGICAL_RULES."""
+    """Maps logical axis names to a PartitionSpec through the active rule table."""
     check_logical_axes(names)
-    return nn.logical_to_mesh_axes(tuple(names), LOGICAL_RULES)
+    return nn.logical_to_mesh_axes(tuple(names), active_rules())
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh) -> Iterator[None]:
     """Context for tracing model code: logical constraints resolve via the table onto `mesh`."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(active_rules()):
         yield
 
 
@@ -113,7 +165,7 @@ def logical_specs(abstract_tree):
 
     def to_spec(spec):
         check_logical_axes(tuple(spec))
-        return nn.logical_to_mesh_axes(tuple(spec), LOGICAL_RULES)
+        return nn.logical_to_mesh_axes(tuple(spec), active_rules())
 
     return jax.tree.map(to_spec, logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
@@ -138,7 +190,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def mesh_axes_of(name: str) -> str | tuple[str, ...] | None:
     """The mesh axis (or axes, or None) the logical axis `name` maps to under the rules."""
     check_logical_axes((name,))
-    return nn.logical_to_mesh_axes((name,), LOGICAL_RULES)[0]
+    return nn.logical_to_mesh_axes((name,), active_rules())[0]
 
 
 def logical_axis_size(name: str) -> int:

@@ -30,6 +30,14 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 
 def report(config, mesh_shape) -> dict:
+    """The report of `config` on a mesh of `mesh_shape`, under the config's axis rules."""
+    from glam_jax import sharding
+
+    with sharding.use_rules(sharding.axis_rules(config)):
+        return _report(config, mesh_shape)
+
+
+def _report(config, mesh_shape) -> dict:
     """{'params': {path: spec}, 'expert_placement': {device: [[ids per layer], ...]}}."""
     import flax.linen as nn
     import jax

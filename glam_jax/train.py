@@ -91,6 +91,7 @@ def evaluate(eval_step, params, data, mesh, max_batches: int) -> dict[str, float
     }
 
 
+@sharding.with_config_rules
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, step: int | None = None, max_batches: int = 0
 ) -> dict[str, float]:
@@ -145,6 +146,7 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
     return row
 
 
+@sharding.with_config_rules
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains to config.train.steps with periodic eval and checkpoints; returns the last eval."""
     tc = config.train

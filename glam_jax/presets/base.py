@@ -89,6 +89,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         1,
         1,
     )  # (data, expert, model) sizes; one -1 takes the remaining devices
+    config.mesh.axis_rules = ()  # (logical axis, mesh axes) pairs overriding or extending the
+    # rule table of glam_jax/sharding.py, e.g. (("vocab", None),) keeps the vocabulary unsplit
 
     # ---- data ---------------------------------------------------------------------------------
     d = config.data = ml_collections.ConfigDict()

@@ -211,6 +211,7 @@ class Attention(nn.Module):
     def __call__(
         self, x_btm: jax.Array, segment_ids_bt: jax.Array | None, positions_bt: jax.Array | None
     ) -> jax.Array:
+        """x [B, T, M] -> attention output [B, T, M], causal within each document."""
         b, t, m = x_btm.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         init = nn.initializers.normal(self.init_std)

@@ -118,11 +118,13 @@ class Checkpointer:
 
     @property
     def latest_step(self) -> int | None:
+        """The newest saved step, or None in an empty workdir."""
         return self.manager.latest_step()
 
     def save(
         self, step: int, state: TrainState, data_state: dict, metrics: dict | None = None
     ) -> None:
+        """Saves the train state and the data-iterator state of `step` (in the background)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
         )
@@ -147,8 +149,10 @@ class Checkpointer:
         return restored["state"], restored["data"]
 
     def wait(self) -> None:
+        """Blocks until pending background writes are on disk."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finishes pending writes and releases the checkpoint manager."""
         self.manager.wait_until_finished()
         self.manager.close()

@@ -53,6 +53,7 @@ class Sampling:
     vocab_limit: int = 0
 
     def check(self) -> Sampling:
+        """self, or one sentence naming the first out-of-range setting."""
         if self.temperature < 0:
             raise DecodeError(f"temperature={self.temperature} must be >= 0 (0 = greedy).")
         if self.top_k < 0:
@@ -165,6 +166,7 @@ class Generation:
 
     @property
     def new_tokens(self) -> int:
+        """Tokens produced over all rows."""
         return self.batch * self.steps
 
     @property

@@ -162,6 +162,7 @@ def check_mixtral(config) -> None:
 
 
 def read_config(path: str) -> dict:
+    """The config.json of a Hugging Face checkpoint directory, as a dict."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise HFCheckpointError(f"{path} has no config.json; it is not a Hugging Face checkpoint.")
@@ -297,6 +298,7 @@ class ShardIndex:
         return shapes
 
     def read(self, key: str) -> np.ndarray:
+        """The tensor stored under `key`, from whichever shard file holds it."""
         with safe_open(os.path.join(self.path, self.file_of[key]), framework="np") as f:
             return f.get_tensor(key)
 

@@ -251,6 +251,7 @@ class Transformer(nn.Module):
         decode: bool = False,
         last_logits_only: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Token ids [B, S] -> (logits [B, S or 1, V], MoE losses summed and per-layer metrics)."""
         config = frozen(self.config)
         mc = config.model
         dtype, pdtype = dtype_of(mc.dtype), dtype_of(mc.param_dtype)

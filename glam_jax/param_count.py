@@ -21,6 +21,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a tab
 
 
 def report(config) -> dict:
+    """The counts of `config` with their convention and, where known, the paper's figures."""
     counts = flops.count(config)
     out = dataclasses.asdict(counts)
     out["convention"] = (
@@ -52,6 +53,7 @@ def _fmt(n: float) -> str:
 
 
 def main(argv) -> None:
+    """Prints the report of --config (a table, or JSON with --json)."""
     del argv
     out = report(_CONFIG.value)
     if _JSON.value:

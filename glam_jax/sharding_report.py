@@ -20,6 +20,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
+    """'2,4,1' -> (2, 4, 1), or a usage error in one sentence."""
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -87,6 +88,7 @@ def nn_value(tree, path):
 
 
 def main(argv) -> None:
+    """Prints the report of --config on --mesh, simulating CPU devices if needed."""
     del argv
     shape = parse_mesh(_MESH.value)
     need = math.prod(shape)

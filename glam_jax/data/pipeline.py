@@ -169,6 +169,7 @@ class DocumentTokenizer:
         self._piece_chars = tokenizer_lib.piece_char_counts(tokenizer)
 
     def __call__(self, text: str) -> Batch:
+        """One document's text -> its token ids, shifted targets and per-target char counts."""
         tok = self._tokenizer
         ids = np.array([tok.bos_id(), *tok.encode(text), tok.eos_id()], np.int32)
         chars = self._piece_chars[ids[1:]]

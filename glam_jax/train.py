@@ -205,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     bar,
                 )
                 window_start = time.perf_counter()  # eval time is not training throughput
-            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
+            periodic = tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0
+            if periodic or (done == tc.steps and tc.checkpoint_every >= 0):
                 ckpt.save(
                     done,
                     state,

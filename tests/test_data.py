@@ -291,6 +291,42 @@ def test_char_accounting_with_a_lossy_loaded_tokenizer(tmp_path):
         assert example["target_chars"].sum() == len(text) + 1
 
 
+def test_pretokenized_batches_equal_tokenizing_on_the_fly(tmp_path):
+    """data.pretokenize changes where tokens come from, not which: the same train batches (and
+    the same resume point) and the same eval batches, here with two streams and a lossy-free
+    trained tokenizer, from a cache built with two SentencePiece threads."""
+    path, _ = small_corpus(tmp_path, num_docs=120)
+    config = make_config(text_files=str(path), document_split="line", validation_fraction=0.2)
+    config.model.vocab_size = 300
+    config.data.num_streams = 2
+    cache = tmp_path / "cache"
+    on_the_fly = create_datasets(config, cache)
+    config.data.update(pretokenize=True, tokenize_threads=2)
+    pretokenized = create_datasets(config, cache)
+    assert len(list((cache / "tokens").iterdir())) == 2, "one cached directory per split"
+    assert_same_batches(take(pretokenized.train_iter, 12), take(on_the_fly.train_iter, 12))
+    assert_same_batches(list(pretokenized.make_eval_iter()), list(on_the_fly.make_eval_iter()))
+    # Resuming a pretokenized run from an on-the-fly state is the same position too.
+    state = json.loads(json.dumps(on_the_fly.train_iter.get_state()))
+    resumed = create_datasets(config, cache).train_iter
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 3), take(on_the_fly.train_iter, 3))
+
+
+def test_undecodable_files_are_named_or_skipped(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(f"line {i} of text" for i in range(60)), encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    config = make_config(text_files=str(tmp_path / "*.txt"), document_split="line")
+    config.model.vocab_size = 300
+    with pytest.raises(DataError, match="latin1.txt is not UTF-8") as info:
+        create_datasets(config, tmp_path / "cache")
+    assert "undecodable_files='skip'" in str(info.value) and "\n" not in str(info.value)
+    config.data.undecodable_files = "skip"
+    bundle = create_datasets(config, tmp_path / "cache")
+    assert bundle.num_train_documents + bundle.num_eval_documents == 60
+
+
 def test_sharding_is_disjoint_and_covers():
     docs = grain.MapDataset.source(list(range(103)))
     shares = [list(pipeline.shard_documents(docs, shard_index=i, shard_count=3)) for i in range(3)]
@@ -432,6 +468,7 @@ ERROR_CASES = {
         "validation",
     ),
     "document split": (lambda d: dict(document_split="page"), "blank_line"),
+    "undecodable policy": (lambda d: dict(undecodable_files="ignore"), "skip"),
     "model type": (lambda d: dict(spm_model_type="wordpiece"), "unigram"),
     "tokenizer path": (lambda d: dict(tokenizer_path=str(d / "x.model")), "x.model"),
 }

@@ -51,7 +51,7 @@ import sentencepiece as spm
 from absl import flags
 from grain.experimental import ConcatThenSplitIterDataset
 
-from glam_jax.data import text_corpus
+from glam_jax.data import text_corpus, token_cache
 from glam_jax.data import tokenizer as tokenizer_lib
 from glam_jax.data.text_corpus import DataError
 
@@ -170,15 +170,22 @@ class DocumentTokenizer:
 
     def __call__(self, text: str) -> Batch:
         """One document's text -> its token ids, shifted targets and per-target char counts."""
+        return self.many([text])[0]
+
+    def many(self, texts: list[str], threads: int = 1) -> list[Batch]:
+        """The rule of `__call__` for many documents; SentencePiece encodes them on `threads`."""
         tok = self._tokenizer
-        ids = np.array([tok.bos_id(), *tok.encode(text), tok.eos_id()], np.int32)
-        chars = self._piece_chars[ids[1:]]
-        chars[-1] = 1
-        # The lookup is exact for lossless tokenizers; otherwise (unk pieces, a dummy prefix,
-        # normalisation) charge each piece the original characters up to its end.
-        if chars.sum() != len(text) + 1:
-            chars = _chars_by_span(text, tok.encode(text, return_type="proto").pieces)
-        return {"inputs": ids[:-1], "targets": ids[1:], "target_chars": chars}
+        out = []
+        for text, pieces in zip(texts, tok.encode(texts, num_threads=threads), strict=True):
+            ids = np.array([tok.bos_id(), *pieces, tok.eos_id()], np.int32)
+            chars = self._piece_chars[ids[1:]]
+            chars[-1] = 1
+            # The lookup is exact for lossless tokenizers; otherwise (unk pieces, a dummy prefix,
+            # normalisation) charge each piece the original characters up to its end.
+            if chars.sum() != len(text) + 1:
+                chars = _chars_by_span(text, tok.encode(text, return_type="proto").pieces)
+            out.append({"inputs": ids[:-1], "targets": ids[1:], "target_chars": chars})
+        return out
 
 
 def _chars_by_span(text: str, pieces: Sequence[Any]) -> np.ndarray:
@@ -194,6 +201,15 @@ def _tokenize_example(
     example: dict[str, Any], *, text_key: str, tokenize: DocumentTokenizer
 ) -> Batch:
     return tokenize(text_corpus.document_text(example, text_key))
+
+
+def _pretokenized(example: Batch) -> Batch:
+    """A `token_cache` document is already what `_tokenize_example` would make of its text."""
+    return example
+
+
+# An element of a document source -> {inputs, targets, target_chars} of that document.
+DocTokens = Callable[[Any], Batch]
 
 
 def _to_layout(batch: Batch) -> Batch:
@@ -217,21 +233,18 @@ def shard_documents(
 
 
 def _packed_rows(
-    documents: grain.MapDataset, text_key: str, tokenize: DocumentTokenizer, seq_len: int
+    documents: grain.MapDataset, doc_tokens: DocTokens, seq_len: int
 ) -> grain.IterDataset:
     return ConcatThenSplitIterDataset(
-        documents.map(
-            functools.partial(_tokenize_example, text_key=text_key, tokenize=tokenize)
-        ).to_iter_dataset(_READ_INLINE),
+        documents.map(doc_tokens).to_iter_dataset(_READ_INLINE),
         length_struct={name: seq_len for name in _PACKED_FEATURES},
     )
 
 
 def _train_dataset(
-    source: Sequence[dict[str, Any]],
+    source: Sequence[Any],
     *,
-    text_key: str,
-    tokenize: DocumentTokenizer,
+    doc_tokens: DocTokens,
     seq_len: int,
     batch_size: int,
     seed: int,
@@ -245,7 +258,7 @@ def _train_dataset(
     )
     # shuffle-then-repeat reseeds the shuffle for each epoch.
     documents = documents.shuffle(seed=seed).repeat()
-    rows = _packed_rows(documents, text_key, tokenize, seq_len)
+    rows = _packed_rows(documents, doc_tokens, seq_len)
     batches = rows.batch(batch_size, drop_remainder=True).map(_to_layout)
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app
@@ -255,10 +268,9 @@ def _train_dataset(
 
 
 def _eval_batches(
-    source: Sequence[dict[str, Any]],
+    source: Sequence[Any],
     *,
-    text_key: str,
-    tokenize: DocumentTokenizer,
+    doc_tokens: DocTokens,
     seq_len: int,
     global_batch_size: int,
     process_index: int,
@@ -268,7 +280,7 @@ def _eval_batches(
     zero rows) is dealt out by process, so all processes yield the same number of batches."""
     per_process = global_batch_size // process_count
     start = process_index * per_process
-    rows = _packed_rows(grain.MapDataset.source(source), text_key, tokenize, seq_len)
+    rows = _packed_rows(grain.MapDataset.source(source), doc_tokens, seq_len)
     for batch in rows.batch(global_batch_size, drop_remainder=False).map(_to_layout):
         yield {
             name: np.pad(array, [(0, global_batch_size - len(array)), (0, 0)])[
@@ -278,7 +290,7 @@ def _eval_batches(
         }
 
 
-def _open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus.Corpus:
+def open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus.Corpus:
     """The catalog dataset, else the text files, else the embedded corpus."""
     if data.tfds_name:
         return text_corpus.open_catalog_corpus(
@@ -301,7 +313,40 @@ def _open_corpus(data: ml_collections.ConfigDict, cache_dir: str) -> text_corpus
         document_split=data.document_split,
         validation_fraction=data.validation_fraction,
         cache_dir=cache_dir,
+        undecodable_files=data.undecodable_files,
+        max_document_chars=data.max_document_chars,
     )
+
+
+def document_sources(
+    corpus: text_corpus.Corpus,
+    tokenizer: spm.SentencePieceProcessor,
+    tokenize: DocumentTokenizer,
+    data: ml_collections.ConfigDict,
+    cache_dir: str | Path,
+) -> tuple[Sequence[Any], Sequence[Any], DocTokens]:
+    """Train and validation document sources, and how one element becomes tokens: the text
+    documents tokenised as they are read, or (data.pretokenize) both splits tokenised up front
+    by all cores and read back from `token_cache`."""
+    if not data.pretokenize:
+        doc_tokens = functools.partial(
+            _tokenize_example, text_key=corpus.text_key, tokenize=tokenize
+        )
+        return corpus.train, corpus.validation, doc_tokens
+    train, validation = (
+        token_cache.tokenized_split(
+            source,
+            text_key=corpus.text_key,
+            tokenizer=tokenizer,
+            tokenize_many=tokenize.many,
+            corpus_identity=corpus.identity,
+            split=split,
+            cache_dir=cache_dir,
+            threads=data.tokenize_threads,
+        )
+        for split, source in (("train", corpus.train), ("validation", corpus.validation))
+    )
+    return train, validation, _pretokenized
 
 
 def num_streams(config: ml_collections.ConfigDict, process_count: int) -> int:
@@ -343,7 +388,7 @@ def build_datasets(
     cache_dir = data.cache_dir or cache_dir
     if not cache_dir:
         raise DataError("no cache directory: set data.cache_dir or pass cache_dir.")
-    corpus = _open_corpus(data, str(cache_dir))
+    corpus = open_corpus(data, str(cache_dir))
     streams = num_streams(config, process_count)
     if len(corpus.train) < streams:
         raise DataError(
@@ -366,12 +411,14 @@ def build_datasets(
         seed=config.seed,
     )
     seq_len, tokenize = config.train.seq_len, DocumentTokenizer(tokenizer)
+    train_docs, eval_docs, doc_tokens = document_sources(
+        corpus, tokenizer, tokenize, data, cache_dir
+    )
     per_process = streams // process_count  # each with its own data.worker_count workers
     train = {
         index: _train_dataset(
-            corpus.train,
-            text_key=corpus.text_key,
-            tokenize=tokenize,
+            train_docs,
+            doc_tokens=doc_tokens,
             seq_len=seq_len,
             batch_size=config.train.batch_size // streams,
             seed=data.shuffle_seed,
@@ -383,9 +430,8 @@ def build_datasets(
     }
     make_eval_iter = functools.partial(
         _eval_batches,
-        corpus.validation,
-        text_key=corpus.text_key,
-        tokenize=tokenize,
+        eval_docs,
+        doc_tokens=doc_tokens,
         seq_len=seq_len,
         global_batch_size=config.train.eval_batch_size,
         process_index=process_index,

@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib.resources
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +25,7 @@ from glam_jax.errors import GlamError
 
 EMBEDDED_CORPORA = {"tinyshakespeare": "tinyshakespeare.txt"}
 DOCUMENT_SPLITS = ("blank_line", "line", "file")
+UNDECODABLE_POLICIES = ("error", "skip")  # data.undecodable_files: what a non-UTF-8 file gets
 TEXT_KEY = "text"
 
 
@@ -107,6 +109,20 @@ def iter_documents(lines: Iterable[str], document_split: str) -> Iterator[str]:
             yield "\n".join(paragraph)
 
 
+def read_text_file(file: Path | Traversable, undecodable_files: str = "error") -> str | None:
+    """A file's text; None for a non-UTF-8 file under the 'skip' policy (a source tree gathered
+    by a glob often holds a few Latin-1 files), else a DataError that names the file."""
+    try:
+        return file.read_text(encoding="utf-8")  # text mode: '\r\n' and '\r' become '\n'
+    except UnicodeDecodeError as e:
+        if undecodable_files == "skip":
+            return None
+        raise DataError(
+            f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); fix or remove it, or set "
+            "data.undecodable_files='skip' to leave such files out."
+        ) from None
+
+
 def is_validation(text: str, validation_fraction: float) -> bool:
     """Hash-based split by document text: deterministic, and duplicates stay on one side."""
     digest = hashlib.sha256(text.encode("utf-8")).digest()
@@ -127,12 +143,16 @@ class GlamTextCorpus(tfds.core.GeneratorBasedBuilder):
         files: Sequence[Path | Traversable] = (),
         document_split: str = "blank_line",
         validation_fraction: float = 0.05,
+        undecodable_files: str = "error",
+        max_document_chars: int = 0,
         **kwargs: Any,
     ):
         # Defaults let TFDS rebuild the class read-only from an already-prepared directory.
         self._files = list(files)
         self._document_split = document_split
         self._validation_fraction = validation_fraction
+        self._undecodable_files = undecodable_files
+        self._max_document_chars = max_document_chars
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -149,10 +169,15 @@ class GlamTextCorpus(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, validation: bool) -> Iterator[tuple[str, dict[str, str]]]:
         for file_index, file in enumerate(self._files):
-            with file.open("r", encoding="utf-8") as f:
-                for doc_index, doc in enumerate(iter_documents(f, self._document_split)):
-                    if is_validation(doc, self._validation_fraction) == validation:
-                        yield f"{file_index}-{doc_index}", {TEXT_KEY: doc}
+            text = read_text_file(file, self._undecodable_files)
+            if text is None:
+                continue
+            lines = io.StringIO(text).readlines()  # split at '\n' only, as iterating the file did
+            for doc_index, doc in enumerate(iter_documents(lines, self._document_split)):
+                if self._max_document_chars and len(doc) > self._max_document_chars:
+                    continue
+                if is_validation(doc, self._validation_fraction) == validation:
+                    yield f"{file_index}-{doc_index}", {TEXT_KEY: doc}
 
 
 def _files_identity(files: Sequence[Path | Traversable], embedded: bool) -> list[Any]:
@@ -163,13 +188,17 @@ def _files_identity(files: Sequence[Path | Traversable], embedded: bool) -> list
 
 
 def _split_sizes(
-    files: Sequence[Path | Traversable], document_split: str, validation_fraction: float
+    files: Sequence[Path | Traversable],
+    document_split: str,
+    validation_fraction: float,
+    undecodable_files: str,
 ) -> tuple[int, int]:
     """Documents per split (train, validation), counted only to explain an empty split."""
     num_train = num_eval = 0
     for file in files:
-        with file.open("r", encoding="utf-8") as f:
-            for doc in iter_documents(f, document_split):
+        text = read_text_file(file, undecodable_files)
+        if text is not None:
+            for doc in iter_documents(io.StringIO(text).readlines(), document_split):
                 if is_validation(doc, validation_fraction):
                     num_eval += 1
                 else:
@@ -185,12 +214,19 @@ def prepare_text_corpus(
     document_split: str,
     validation_fraction: float,
     cache_dir: str | Path,
+    undecodable_files: str = "error",
+    max_document_chars: int = 0,
 ) -> Corpus:
     """Prepares (once, cached by corpus identity and split settings) and opens a text corpus."""
     if document_split not in DOCUMENT_SPLITS:
         raise DataError(
             f"data.document_split={document_split!r} is not valid; use one of "
             f"{', '.join(DOCUMENT_SPLITS)}."
+        )
+    if undecodable_files not in UNDECODABLE_POLICIES:
+        raise DataError(
+            f"data.undecodable_files={undecodable_files!r} is not valid; use one of "
+            f"{', '.join(UNDECODABLE_POLICIES)}."
         )
     if not 0.0 < validation_fraction < 1.0:
         raise DataError(
@@ -201,6 +237,8 @@ def prepare_text_corpus(
             "files": _files_identity(files, embedded),
             "document_split": document_split,
             "validation_fraction": validation_fraction,
+            "undecodable_files": undecodable_files,
+            "max_document_chars": max_document_chars,
             "version": str(GlamTextCorpus.VERSION),
         },
         sort_keys=True,
@@ -210,15 +248,17 @@ def prepare_text_corpus(
         files=files,
         document_split=document_split,
         validation_fraction=validation_fraction,
+        undecodable_files=undecodable_files,
+        max_document_chars=max_document_chars,
         data_dir=str(Path(cache_dir) / "corpora" / f"{label}-{key}"),
         file_format="array_record",
     )
     try:
         builder.download_and_prepare()
-    except UnicodeDecodeError as e:
-        raise DataError(f"a file of corpus {label!r} is not UTF-8 text ({e.reason}).") from None
     except AssertionError:  # TFDS refuses to write an empty split; say which one and why.
-        num_train, num_eval = _split_sizes(files, document_split, validation_fraction)
+        num_train, num_eval = _split_sizes(
+            files, document_split, validation_fraction, undecodable_files
+        )
         if num_train + num_eval == 0:
             raise DataError(f"corpus {label!r} is empty: it has no non-blank documents.") from None
         if num_train and num_eval:

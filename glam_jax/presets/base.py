@@ -102,11 +102,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     d.tfds_train_split = "train"  # TFDS split for training
     d.tfds_eval_split = "validation"  # TFDS split for evaluation
     d.document_split = "blank_line"  # 'blank_line' | 'line' | 'file': what one document is
+    d.undecodable_files = "error"  # a non-UTF-8 text file: 'error' (names it) or 'skip' it
+    d.max_document_chars = 0  # leave out longer documents (e.g. generated source); 0 = keep all
     d.validation_fraction = 0.05  # share of documents held out for evaluation
     d.tokenizer_path = ""  # SentencePiece .model to load; '' = train one on the training split
     d.spm_model_type = "unigram"  # 'unigram' or 'bpe' when training a tokenizer
     d.cache_dir = ""  # prepared corpora and tokenizers; '' = <workdir>/data
     d.shuffle_seed = 0  # data order seed
+    d.pretokenize = False  # tokenise both splits once, on all cores, into cached .npy arrays
+    # (same batches; training reads ids instead of running SentencePiece in its input loop)
+    d.tokenize_threads = 0  # SentencePiece threads for pretokenize; 0 = every core
     d.worker_count = 0  # grain worker processes (0 = in the training process)
     d.num_streams = 0  # training streams the global batch is read as; 0 = one per process.
     # A fixed value (a multiple of the process count dividing train.batch_size) makes the
@@ -133,7 +138,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     t.log_every = 50  # steps between metric rows
     t.eval_every = 500  # steps between evaluations (0 = only at the end)
     t.eval_batches = 0  # batches per evaluation (0 = the whole validation split)
-    t.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end)
+    t.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end, -1 = never)
     t.keep_checkpoints = 3  # newest checkpoints kept
     t.keep_best = False  # also keep the best checkpoint by eval loss
     t.async_checkpoint = True  # write checkpoints in the background

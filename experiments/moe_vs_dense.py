@@ -1,0 +1,560 @@
+"""Does MoE pay off? Dense and MoE arms at equal activated FLOPs per token, one command.
+
+    python experiments/moe_vs_dense.py --workdir=/tmp/mvd --runs=dense,moe16,moe64,switch16
+    python experiments/moe_vs_dense.py --report_only --out=docs/research   # rebuild on CPU
+
+Each run (`arm` or `arm:seed`, arms from configs/moe_vs_dense.py) trains in its own process
+with experiments/train.py, so one arm's memory never meets the next one's. Every run shares
+one data cache under --workdir: the corpus, the tokenizer and the pre-tokenised splits are
+prepared once, first (`--prepare_only` stops there and reports how long that took). The
+corpus defaults to the Python sources of the running interpreter's installed packages.
+
+The study JSON (`<out>/moe_vs_dense.json`) keeps every run ever reported into it, keyed by
+(arm, seed), so runs measured at different times combine; the plots and the markdown table are
+rebuilt from that JSON alone (`--report_only`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+REPO = Path(__file__).resolve().parents[1]
+JSON_NAME = "moe_vs_dense.json"
+
+_CONFIG = flags.DEFINE_string("config", str(REPO / "configs/moe_vs_dense.py"), "Study config.")
+_SCALE = flags.DEFINE_string("scale", "h200", "Config scale: h200 (the study) or tiny (smoke).")
+_RUNS = flags.DEFINE_list("runs", ["dense", "moe16"], "Runs as arm or arm:seed.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Training steps of every run (0 = the config's).")
+_CORPUS = flags.DEFINE_string(
+    "corpus", "", "Text files or globs ('' = **/*.py of this interpreter's site-packages)."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Study root: one workdir per run + data cache.")
+_OUT = flags.DEFINE_string("out", str(REPO / "docs/research"), "JSON, plots and table go here.")
+_KEEP = flags.DEFINE_list("keep", [], "Runs (arm:seed) that keep their final checkpoint.")
+_SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for every run.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rebuild plots/table from the JSON.")
+_MERGE = flags.DEFINE_list(
+    "merge", [], "Study JSON files whose runs join this study's (later files win per run)."
+)
+_PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Prepare the data, report, stop.")
+_MEASURE_PIPELINE = flags.DEFINE_integer(
+    "measure_pipeline", 0, "Also time this many batches of the on-the-fly and cached pipelines."
+)
+
+
+_CALLER_PLATFORMS = ""  # JAX_PLATFORMS as the caller set it, restored for the runs
+
+
+class StudyError(ValueError):
+    """A bad flag or a failed run; the message is one sentence."""
+
+
+# ---- runs and configs ----------------------------------------------------------------------
+
+
+def parse_run(spec: str) -> tuple[str, int]:
+    """'moe16' -> ('moe16', 0); 'moe16:1' -> ('moe16', 1)."""
+    arm, _, seed = spec.partition(":")
+    try:
+        return arm, int(seed or 0)
+    except ValueError:
+        raise StudyError(f"--runs entry {spec!r} is not arm or arm:seed.") from None
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_s{seed}"
+
+
+def variant(arm: str, seed: int, scale: str, steps: int) -> str:
+    return f"arm={arm},seed={seed},scale={scale}" + (f",steps={steps}" if steps else "")
+
+
+def load_config(path: str, arg: str):
+    """The study config file's get_config(arg), as experiments/train.py would build it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_config", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO))  # config files import `configs.base`
+    spec.loader.exec_module(module)
+    try:
+        return module.get_config(arg)
+    except ValueError as err:
+        raise StudyError(str(err)) from None
+
+
+def apply_overrides(config, overrides: list[str], corpus: str, cache_dir: str | None):
+    """The --set key=value overrides, plus the corpus and shared cache, as train.py gets them."""
+    import ast
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise StudyError(f"--set {item!r} is not key=value.")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        *parents, name = key.split(".")
+        target = config
+        for part in parents:
+            target = target.get(part) if hasattr(target, "get") else None
+        if target is None or not hasattr(target, "get") or name not in target:
+            raise StudyError(f"--set {key!r} is not a field of the study config.")
+        target[name] = parsed
+    if corpus:
+        config.data.text_files = corpus
+    if cache_dir:
+        config.data.cache_dir = cache_dir
+    return config
+
+
+def default_corpus() -> str:
+    return os.path.join(sysconfig.get_paths()["purelib"], "**", "*.py")
+
+
+def run_command(arm: str, seed: int, root: Path, corpus: str) -> list[str]:
+    """The experiments/train.py command line of one run (recorded in the JSON as well)."""
+    keep = f"{arm}:{seed}" in _KEEP.value or (seed == 0 and arm in _KEEP.value)
+    cmd = [
+        sys.executable,
+        str(REPO / "experiments/train.py"),
+        f"--config={_CONFIG.value}:{variant(arm, seed, _SCALE.value, _STEPS.value)}",
+        f"--workdir={root / run_name(arm, seed)}",
+        f"--config.data.cache_dir={root / 'data'}",
+    ]
+    if corpus:
+        cmd.append(f"--config.data.text_files={corpus}")
+    if keep:
+        cmd.append("--config.train.checkpoint_every=0")
+    cmd += [f"--config.{item}" for item in _SET.value]
+    return cmd
+
+
+# ---- data: manifest, preparation, pipeline speed --------------------------------------------
+
+
+def manifest(corpus: str) -> dict:
+    """File count, bytes and the sha256 of the sorted file list of the corpus."""
+    from glam_jax.data import text_corpus
+
+    files = sorted(str(p) for p in text_corpus.resolve_text_files(corpus))
+    return {
+        "corpus": corpus,
+        "files": len(files),
+        "bytes": sum(os.path.getsize(f) for f in files),
+        "sha256_sorted_file_list": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+    }
+
+
+def _time_batches(iterator, batches: int) -> float:
+    """Tokens per second of `batches` batches (after one warm-up batch)."""
+    first = next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * first["inputs"].size / (time.perf_counter() - start)
+
+
+def prepare(config, measure_batches: int) -> dict:
+    """Prepares corpus, tokenizer and token cache once, timing each stage."""
+    from glam_jax.data import pipeline
+
+    data, cache = config.data, config.data.cache_dir
+    out: dict = {"cpu_count": os.cpu_count()}
+    start = time.perf_counter()
+    corpus = pipeline.open_corpus(data, cache)
+    out["corpus_prepare_s"] = time.perf_counter() - start
+    out["train_documents"], out["eval_documents"] = len(corpus.train), len(corpus.validation)
+    start = time.perf_counter()
+    data.pretokenize = False  # the tokenizer alone first (the corpus is cached now)
+    bundle = pipeline.build_datasets(config, cache, process_index=0, process_count=1)
+    out["tokenizer_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    data.pretokenize = True
+    train, validation, _ = pipeline.document_sources(
+        corpus, bundle.tokenizer, pipeline.DocumentTokenizer(bundle.tokenizer), data, cache
+    )
+    out["pretokenize_s"] = time.perf_counter() - start
+    out["train_tokens"], out["validation_tokens"] = train.num_tokens, validation.num_tokens
+    out["tokens_per_s_pretokenize"] = (train.num_tokens + validation.num_tokens) / out[
+        "pretokenize_s"
+    ]
+    if measure_batches:
+        out["tokens_per_s_on_the_fly"] = _time_batches(bundle.train_iter, measure_batches)
+        cached = pipeline.build_datasets(config, cache, process_index=0, process_count=1)
+        out["tokens_per_s_cached_rows"] = _time_batches(cached.train_iter, measure_batches)
+    return out
+
+
+# ---- one run's record ------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) of a run's metrics.jsonl."""
+    train_rows, eval_rows = [], []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "eval_loss" in row:
+                eval_rows.append(row)
+            elif "loss" in row:
+                train_rows.append(row)
+    return train_rows, eval_rows
+
+
+def arm_record(arm: str, seed: int, config, workdir: Path, process_s: float, cmd: list[str]):
+    """Everything the report needs about one finished run, from its config and metrics."""
+    from glam_jax import flops
+
+    counts = flops.count(config)
+    train_rows, eval_rows = read_metrics(workdir / "metrics.jsonl")
+    if not eval_rows:
+        raise StudyError(f"run {run_name(arm, seed)} logged no evaluation in {workdir}.")
+    tokens_per_step = config.train.batch_size * config.train.seq_len
+    # The first window holds the compile; later windows exclude evaluation (train.py resets
+    # its clock after each), so their median is the steady step time.
+    windows = [tokens_per_step / r["tokens_per_s"] for r in train_rows[1:]] or [
+        tokens_per_step / r["tokens_per_s"] for r in train_rows
+    ]
+    step_time = statistics.median(windows)
+    mfus = [r["mfu"] for r in train_rows[1:] if "mfu" in r]
+    e = config.moe
+    return {
+        "arm": arm,
+        "seed": seed,
+        "experts": int(e.num_experts),
+        "router": e.router if e.num_experts else "",
+        "k": int(e.num_selected) if e.num_experts else 0,
+        "expert_mlp_dim": int(e.expert_mlp_dim or config.model.mlp_dim) if e.num_experts else 0,
+        "total_params": counts.total_params,
+        "activated_params": counts.activated_params,
+        "non_embedding_params": counts.total_params - counts.embedding_params,
+        "flops_per_token": counts.flops_per_token,
+        "tokens_per_step": tokens_per_step,
+        "steps": int(eval_rows[-1]["step"]),
+        "tokens": int(eval_rows[-1]["step"]) * tokens_per_step,
+        "step_time_s": step_time,
+        "train_wallclock_s": step_time * int(eval_rows[-1]["step"]),
+        "process_wallclock_s": process_s,
+        "mfu": statistics.median(mfus) if mfus else None,
+        "final_eval_loss": eval_rows[-1]["eval_loss"],
+        "final_eval_bits_per_char": eval_rows[-1].get("eval_bits_per_char"),
+        "eval_curve": {
+            "step": [int(r["step"]) for r in eval_rows],
+            "eval_loss": [r["eval_loss"] for r in eval_rows],
+        },
+        "train_curve": {
+            "step": [int(r["step"]) for r in train_rows],
+            "loss": [r["loss"] for r in train_rows],
+        },
+        "final_expert_load_max": _max_load(train_rows[-1]) if train_rows else None,
+        "command": " ".join(cmd),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _max_load(row: dict) -> float | None:
+    """The busiest expert's share of assignments (1/E when balanced), max over layers."""
+    load = row.get("expert_load")
+    if load is None:
+        return None
+    flat = load if isinstance(load[0], float | int) else [x for layer in load for x in layer]
+    return max(flat)
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+
+def steps_to_reach(curve: dict, target: float) -> float | None:
+    """First step where the eval curve reaches `target`, linearly interpolated between evals."""
+    steps, losses = curve["step"], curve["eval_loss"]
+    for i, (step, loss) in enumerate(zip(steps, losses, strict=True)):
+        if loss <= target:
+            if i == 0:
+                return float(step)
+            s0, l0 = steps[i - 1], losses[i - 1]
+            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def summarise(study: dict) -> dict:
+    """Adds each run's steps and wall-clock to reach the final loss of the dense run with the
+    same seed (seed 0's where that seed has no dense run), and the headline ratios of the best
+    MoE arm of seed 0, plus the same ratios for every seed that has both runs."""
+    arms = study["arms"]
+    dense = {a["seed"]: a for a in arms if a["arm"] == "dense"}
+    study.setdefault("distill_retained_fraction", None)  # set by experiments/distill.py runs
+    if not dense:
+        return study
+    base = dense.get(0) or dense[min(dense)]
+    study["dense_final_eval_loss"] = base["final_eval_loss"]
+    for a in arms:
+        ref = dense.get(a["seed"], base)
+        steps = steps_to_reach(a["eval_curve"], ref["final_eval_loss"])
+        a["dense_reference"] = run_name("dense", ref["seed"])
+        a["steps_to_dense_loss"] = steps
+        a["wallclock_to_dense_loss_s"] = None if steps is None else steps * a["step_time_s"]
+    moes = [a for a in arms if a["arm"] != "dense" and a["seed"] == base["seed"]]
+    if moes:
+        best = min(moes, key=lambda a: a["final_eval_loss"])
+        study["best_moe_arm"] = best["arm"]
+        study["steps_ratio_to_dense_loss"], study["wallclock_ratio_to_dense_loss"] = _ratios(
+            best, base
+        )
+        study["paired_seeds"] = [
+            dict(
+                zip(
+                    ("seed", "steps_ratio", "wallclock_ratio", "loss_gap"),
+                    (
+                        seed,
+                        *_ratios(a, dense[seed]),
+                        dense[seed]["final_eval_loss"] - a["final_eval_loss"],
+                    ),
+                    strict=True,
+                )
+            )
+            for seed in sorted(dense)
+            for a in arms
+            if a["arm"] == best["arm"] and a["seed"] == seed
+        ]
+    seeds = {}
+    for a in arms:
+        seeds.setdefault(a["arm"], []).append(a["final_eval_loss"])
+    study["seed_spread"] = {
+        arm: {"n": len(v), "mean": statistics.fmean(v), "range": max(v) - min(v)}
+        for arm, v in seeds.items()
+        if len(v) > 1
+    }
+    return study
+
+
+def _ratios(arm: dict, dense: dict) -> tuple[float | None, float | None]:
+    """(steps, wall-clock) an arm needs to reach `dense`'s final loss, as fractions of dense's."""
+    steps = steps_to_reach(arm["eval_curve"], dense["final_eval_loss"])
+    if steps is None:
+        return None, None
+    return steps / dense["steps"], steps * arm["step_time_s"] / dense["train_wallclock_s"]
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(study: dict) -> str:
+    """One row per run: sizes, FLOPs, tokens, speed, final loss, steps/time to dense's loss."""
+    head = (
+        "| run | experts | router | total params | activated | GFLOP/token | tokens | "
+        "step | train wall-clock | MFU | held-out loss | steps to dense loss | "
+        "wall-clock (s) to dense loss |\n|" + "---|" * 13 + "\n"
+    )
+    rows = []
+    for a in sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"])):
+        rows.append(
+            f"| {run_name(a['arm'], a['seed'])} | {a['experts'] or '—'} | "
+            f"{(a['router'] + ' k=' + str(a['k'])) if a['experts'] else '—'} | "
+            f"{a['total_params'] / 1e6:.0f}M | {a['activated_params'] / 1e6:.0f}M | "
+            f"{a['flops_per_token'] / 1e9:.3f} | {a['tokens'] / 1e6:.1f}M | "
+            f"{a['step_time_s'] * 1e3:.1f} ms | {a['train_wallclock_s']:.0f} s | "
+            f"{_fmt(a['mfu'] and 100 * a['mfu'], '.1f')}% | {a['final_eval_loss']:.4f} | "
+            f"{_fmt(a.get('steps_to_dense_loss'), '.0f')} | "
+            f"{_fmt(a.get('wallclock_to_dense_loss_s'), '.0f')} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(study: dict, out: Path) -> list[str]:
+    """Held-out loss against steps and against training wall-clock, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for x_name, label in (("steps", "training step"), ("wallclock", "training wall-clock (s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        runs = sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"]))
+        colours = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(a["arm"] for a in runs))}
+        for a in runs:  # one colour per arm, a dashed line for each further seed
+            steps = a["eval_curve"]["step"]
+            xs = steps if x_name == "steps" else [s * a["step_time_s"] for s in steps]
+            ax.plot(
+                xs,
+                a["eval_curve"]["eval_loss"],
+                "-" if a["seed"] == 0 else "--",
+                color=colours[a["arm"]],
+                label=run_name(a["arm"], a["seed"]),
+            )
+        if "dense_final_eval_loss" in study:
+            ax.axhline(study["dense_final_eval_loss"], color="grey", lw=0.8, ls=":")
+        losses = [x for a in study["arms"] for x in a["eval_curve"]["eval_loss"]]
+        low = min(losses)
+        ax.set_ylim(low - 0.05 * abs(low), min(max(losses), low + 2.0))
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title(f"MoE vs dense at equal activated FLOPs: loss vs {label}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = out / f"moe_vs_dense_loss_vs_{x_name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def write_report(study: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    summarise(study)
+    (out / JSON_NAME).write_text(json.dumps(study, indent=1, sort_keys=True) + "\n")
+    if study["arms"]:
+        plot(study, out)
+        (out / "moe_vs_dense_table.md").write_text(markdown_table(study))
+
+
+def load_study(out: Path) -> dict:
+    path = out / JSON_NAME
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"arms": []}
+
+
+def merge_arm(study: dict, record: dict) -> None:
+    """Replaces the run with the same (arm, seed), else appends."""
+    key = (record["arm"], record["seed"])
+    study["arms"] = [a for a in study["arms"] if (a["arm"], a["seed"]) != key] + [record]
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def run_study() -> None:
+    out = Path(_OUT.value)
+    study = load_study(out)
+    for path in _MERGE.value:
+        if not os.path.isfile(path):
+            raise StudyError(f"--merge names {path!r}, which is not an existing file.")
+        for record in json.loads(Path(path).read_text()).get("arms", []):
+            merge_arm(study, record)
+    if _REPORT_ONLY.value:
+        write_report(study, out)
+        print(f"Rebuilt the report in {out} from {len(study['arms'])} runs.")
+        return
+    if not _WORKDIR.value:
+        raise StudyError("--workdir is required unless --report_only is given.")
+    root = Path(_WORKDIR.value).resolve()
+    if root.exists() and not root.is_dir():
+        raise StudyError(f"--workdir={root} is an existing file; name a directory.")
+    runs = [parse_run(spec) for spec in _RUNS.value]
+    tfds = any(
+        item.startswith("data.tfds_name=") and item != "data.tfds_name=" for item in _SET.value
+    )
+    # The tiny scale reads the embedded corpus and a TFDS catalog dataset needs no files; the
+    # study's default corpus is this interpreter's installed Python sources.
+    corpus = _CORPUS.value or ("" if tfds or _SCALE.value == "tiny" else default_corpus())
+    cache = str(root / "data")
+    configs = {
+        run: apply_overrides(
+            load_config(_CONFIG.value, variant(*run, _SCALE.value, _STEPS.value)),
+            _SET.value,
+            corpus,
+            cache,
+        )
+        for run in runs
+    }
+    study.setdefault("recipe", {})
+    first = configs[runs[0]]
+    if corpus:
+        study["manifest"] = manifest(corpus)
+        start = time.perf_counter()
+        study["prepare"] = prepare(first.copy_and_resolve_references(), _MEASURE_PIPELINE.value)
+        study["prepare"]["total_s"] = time.perf_counter() - start
+        print("prepared:", json.dumps(study["prepare"]), flush=True)
+    if _PREPARE_ONLY.value:
+        write_report(study, out)
+        return
+    env = dict(os.environ)  # runs see the platforms the caller gave, not the driver's CPU
+    env.pop("JAX_PLATFORMS", None)
+    if _CALLER_PLATFORMS:
+        env["JAX_PLATFORMS"] = _CALLER_PLATFORMS
+    for arm, seed in runs:
+        cmd = run_command(arm, seed, root, corpus)
+        print("running:", " ".join(cmd), flush=True)
+        start = time.perf_counter()
+        result = subprocess.run(cmd, env=env, cwd=REPO)
+        if result.returncode:
+            raise StudyError(
+                f"run {run_name(arm, seed)} failed with exit code {result.returncode}."
+            )
+        record = arm_record(
+            arm,
+            seed,
+            configs[(arm, seed)],
+            root / run_name(arm, seed),
+            time.perf_counter() - start,
+            cmd,
+        )
+        merge_arm(study, record)
+        study["recipe"][_SCALE.value] = _recipe(first)
+        write_report(study, out)  # after every run, so a cut-off study keeps what finished
+        print(
+            f"{run_name(arm, seed)}: held-out loss {record['final_eval_loss']:.4f}, "
+            f"step {record['step_time_s'] * 1e3:.1f} ms, MFU {record['mfu']}",
+            flush=True,
+        )
+
+
+def _recipe(config) -> dict:
+    """What every arm shares, for the report."""
+    return {
+        "model": {
+            k: config.model[k]
+            for k in (
+                "num_layers",
+                "embed_dim",
+                "mlp_dim",
+                "num_heads",
+                "head_dim",
+                "vocab_size",
+                "dtype",
+            )
+        },
+        "train": config.train.to_dict(),
+        "data": {
+            k: config.data[k]
+            for k in ("document_split", "validation_fraction", "spm_model_type", "pretokenize")
+        },
+        "moe": {
+            k: config.moe[k]
+            for k in ("every", "dispatch", "aux_loss_weight", "z_loss_weight", "router_init_scale")
+        },
+    }
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    global _CALLER_PLATFORMS
+    _CALLER_PLATFORMS = os.environ.get("JAX_PLATFORMS", "")
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the driver only counts and prepares; runs get the GPU
+    from glam_jax.errors import GlamError
+
+    try:
+        run_study()
+    except (StudyError, GlamError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

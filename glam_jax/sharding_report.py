@@ -14,9 +14,20 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
-_MESH = flags.DEFINE_string("mesh", "1,1,1", "Mesh sizes data,expert,model.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+# Flags are defined only when run as a program, so importing this module (tests, notebooks)
+# never clashes with another module's `--config`.
+_FLAGS: dict = {}
+
+
+def _define_flags() -> dict:
+    """The command-line flags of this program."""
+    return dict(
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Model config file.", lock_config=False
+        ),
+        mesh=flags.DEFINE_string("mesh", "1,1,1", "Mesh sizes data,expert,model."),
+        json=flags.DEFINE_bool("json", False, "Print one JSON object."),
+    )
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -90,13 +101,13 @@ def nn_value(tree, path):
 def main(argv) -> None:
     """Prints the report of --config on --mesh, simulating CPU devices if needed."""
     del argv
-    shape = parse_mesh(_MESH.value)
+    shape = parse_mesh(_FLAGS["mesh"].value)
     need = math.prod(shape)
     flags_env = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags_env:
         os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={need}"
-    out = report(_CONFIG.value, shape)
-    if _JSON.value:
+    out = report(_FLAGS["config"].value, shape)
+    if _FLAGS["json"].value:
         print(json.dumps(out))
         return
     print(f"mesh (data, expert, model) = {tuple(shape)}")
@@ -115,5 +126,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _FLAGS.update(_define_flags())
     flags.mark_flag_as_required("config")
     app.run(main)

@@ -16,11 +16,9 @@ rebuilt from that JSON alone (`--report_only`).
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import sysconfig
@@ -29,8 +27,16 @@ from pathlib import Path
 
 from absl import app, flags
 
+from glam_jax.study_report import (
+    StudyError,
+    arm_record,
+    load_study,
+    merge_arm,
+    run_name,
+    write_report,
+)
+
 REPO = Path(__file__).resolve().parents[1]
-JSON_NAME = "moe_vs_dense.json"
 
 _CONFIG = flags.DEFINE_string("config", str(REPO / "configs/moe_vs_dense.py"), "Study config.")
 _SCALE = flags.DEFINE_string("scale", "h200", "Config scale: h200 (the study) or tiny (smoke).")
@@ -56,10 +62,6 @@ _MEASURE_PIPELINE = flags.DEFINE_integer(
 _CALLER_PLATFORMS = ""  # JAX_PLATFORMS as the caller set it, restored for the runs
 
 
-class StudyError(ValueError):
-    """A bad flag or a failed run; the message is one sentence."""
-
-
 # ---- runs and configs ----------------------------------------------------------------------
 
 
@@ -70,10 +72,6 @@ def parse_run(spec: str) -> tuple[str, int]:
         return arm, int(seed or 0)
     except ValueError:
         raise StudyError(f"--runs entry {spec!r} is not arm or arm:seed.") from None
-
-
-def run_name(arm: str, seed: int) -> str:
-    return f"{arm}_s{seed}"
 
 
 def variant(arm: str, seed: int, scale: str, steps: int) -> str:
@@ -196,244 +194,6 @@ def prepare(config, measure_batches: int) -> dict:
         cached = pipeline.build_datasets(config, cache, process_index=0, process_count=1)
         out["tokens_per_s_cached_rows"] = _time_batches(cached.train_iter, measure_batches)
     return out
-
-
-# ---- one run's record ------------------------------------------------------------------------
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) of a run's metrics.jsonl."""
-    train_rows, eval_rows = [], []
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if "eval_loss" in row:
-                eval_rows.append(row)
-            elif "loss" in row:
-                train_rows.append(row)
-    return train_rows, eval_rows
-
-
-def arm_record(arm: str, seed: int, config, workdir: Path, process_s: float, cmd: list[str]):
-    """Everything the report needs about one finished run, from its config and metrics."""
-    from glam_jax import flops
-
-    counts = flops.count(config)
-    train_rows, eval_rows = read_metrics(workdir / "metrics.jsonl")
-    if not eval_rows:
-        raise StudyError(f"run {run_name(arm, seed)} logged no evaluation in {workdir}.")
-    tokens_per_step = config.train.batch_size * config.train.seq_len
-    # The first window holds the compile; later windows exclude evaluation (train.py resets
-    # its clock after each), so their median is the steady step time.
-    windows = [tokens_per_step / r["tokens_per_s"] for r in train_rows[1:]] or [
-        tokens_per_step / r["tokens_per_s"] for r in train_rows
-    ]
-    step_time = statistics.median(windows)
-    mfus = [r["mfu"] for r in train_rows[1:] if "mfu" in r]
-    e = config.moe
-    return {
-        "arm": arm,
-        "seed": seed,
-        "experts": int(e.num_experts),
-        "router": e.router if e.num_experts else "",
-        "k": int(e.num_selected) if e.num_experts else 0,
-        "expert_mlp_dim": int(e.expert_mlp_dim or config.model.mlp_dim) if e.num_experts else 0,
-        "total_params": counts.total_params,
-        "activated_params": counts.activated_params,
-        "non_embedding_params": counts.total_params - counts.embedding_params,
-        "flops_per_token": counts.flops_per_token,
-        "tokens_per_step": tokens_per_step,
-        "steps": int(eval_rows[-1]["step"]),
-        "tokens": int(eval_rows[-1]["step"]) * tokens_per_step,
-        "step_time_s": step_time,
-        "train_wallclock_s": step_time * int(eval_rows[-1]["step"]),
-        "process_wallclock_s": process_s,
-        "mfu": statistics.median(mfus) if mfus else None,
-        "final_eval_loss": eval_rows[-1]["eval_loss"],
-        "final_eval_bits_per_char": eval_rows[-1].get("eval_bits_per_char"),
-        "eval_curve": {
-            "step": [int(r["step"]) for r in eval_rows],
-            "eval_loss": [r["eval_loss"] for r in eval_rows],
-        },
-        "train_curve": {
-            "step": [int(r["step"]) for r in train_rows],
-            "loss": [r["loss"] for r in train_rows],
-        },
-        "final_expert_load_max": _max_load(train_rows[-1]) if train_rows else None,
-        "command": " ".join(cmd),
-        "date": datetime.date.today().isoformat(),
-    }
-
-
-def _max_load(row: dict) -> float | None:
-    """The busiest expert's share of assignments (1/E when balanced), max over layers."""
-    load = row.get("expert_load")
-    if load is None:
-        return None
-    flat = load if isinstance(load[0], float | int) else [x for layer in load for x in layer]
-    return max(flat)
-
-
-# ---- the report -----------------------------------------------------------------------------
-
-
-def steps_to_reach(curve: dict, target: float) -> float | None:
-    """First step where the eval curve reaches `target`, linearly interpolated between evals."""
-    steps, losses = curve["step"], curve["eval_loss"]
-    for i, (step, loss) in enumerate(zip(steps, losses, strict=True)):
-        if loss <= target:
-            if i == 0:
-                return float(step)
-            s0, l0 = steps[i - 1], losses[i - 1]
-            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
-    return None
-
-
-def summarise(study: dict) -> dict:
-    """Adds each run's steps and wall-clock to reach the final loss of the dense run with the
-    same seed (seed 0's where that seed has no dense run), and the headline ratios of the best
-    MoE arm of seed 0, plus the same ratios for every seed that has both runs."""
-    arms = study["arms"]
-    dense = {a["seed"]: a for a in arms if a["arm"] == "dense"}
-    study.setdefault("distill_retained_fraction", None)  # set by experiments/distill.py runs
-    if not dense:
-        return study
-    base = dense.get(0) or dense[min(dense)]
-    study["dense_final_eval_loss"] = base["final_eval_loss"]
-    for a in arms:
-        ref = dense.get(a["seed"], base)
-        steps = steps_to_reach(a["eval_curve"], ref["final_eval_loss"])
-        a["dense_reference"] = run_name("dense", ref["seed"])
-        a["steps_to_dense_loss"] = steps
-        a["wallclock_to_dense_loss_s"] = None if steps is None else steps * a["step_time_s"]
-    moes = [a for a in arms if a["arm"] != "dense" and a["seed"] == base["seed"]]
-    if moes:
-        best = min(moes, key=lambda a: a["final_eval_loss"])
-        study["best_moe_arm"] = best["arm"]
-        study["steps_ratio_to_dense_loss"], study["wallclock_ratio_to_dense_loss"] = _ratios(
-            best, base
-        )
-        study["paired_seeds"] = [
-            dict(
-                zip(
-                    ("seed", "steps_ratio", "wallclock_ratio", "loss_gap"),
-                    (
-                        seed,
-                        *_ratios(a, dense[seed]),
-                        dense[seed]["final_eval_loss"] - a["final_eval_loss"],
-                    ),
-                    strict=True,
-                )
-            )
-            for seed in sorted(dense)
-            for a in arms
-            if a["arm"] == best["arm"] and a["seed"] == seed
-        ]
-    seeds = {}
-    for a in arms:
-        seeds.setdefault(a["arm"], []).append(a["final_eval_loss"])
-    study["seed_spread"] = {
-        arm: {"n": len(v), "mean": statistics.fmean(v), "range": max(v) - min(v)}
-        for arm, v in seeds.items()
-        if len(v) > 1
-    }
-    return study
-
-
-def _ratios(arm: dict, dense: dict) -> tuple[float | None, float | None]:
-    """(steps, wall-clock) an arm needs to reach `dense`'s final loss, as fractions of dense's."""
-    steps = steps_to_reach(arm["eval_curve"], dense["final_eval_loss"])
-    if steps is None:
-        return None, None
-    return steps / dense["steps"], steps * arm["step_time_s"] / dense["train_wallclock_s"]
-
-
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def markdown_table(study: dict) -> str:
-    """One row per run: sizes, FLOPs, tokens, speed, final loss, steps/time to dense's loss."""
-    head = (
-        "| run | experts | router | total params | activated | GFLOP/token | tokens | "
-        "step | train wall-clock | MFU | held-out loss | steps to dense loss | "
-        "wall-clock (s) to dense loss |\n|" + "---|" * 13 + "\n"
-    )
-    rows = []
-    for a in sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"])):
-        rows.append(
-            f"| {run_name(a['arm'], a['seed'])} | {a['experts'] or '—'} | "
-            f"{(a['router'] + ' k=' + str(a['k'])) if a['experts'] else '—'} | "
-            f"{a['total_params'] / 1e6:.0f}M | {a['activated_params'] / 1e6:.0f}M | "
-            f"{a['flops_per_token'] / 1e9:.3f} | {a['tokens'] / 1e6:.1f}M | "
-            f"{a['step_time_s'] * 1e3:.1f} ms | {a['train_wallclock_s']:.0f} s | "
-            f"{_fmt(a['mfu'] and 100 * a['mfu'], '.1f')}% | {a['final_eval_loss']:.4f} | "
-            f"{_fmt(a.get('steps_to_dense_loss'), '.0f')} | "
-            f"{_fmt(a.get('wallclock_to_dense_loss_s'), '.0f')} |"
-        )
-    return head + "\n".join(rows) + "\n"
-
-
-def plot(study: dict, out: Path) -> list[str]:
-    """Held-out loss against steps and against training wall-clock, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for x_name, label in (("steps", "training step"), ("wallclock", "training wall-clock (s)")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        runs = sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"]))
-        colours = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(a["arm"] for a in runs))}
-        for a in runs:  # one colour per arm, a dashed line for each further seed
-            steps = a["eval_curve"]["step"]
-            xs = steps if x_name == "steps" else [s * a["step_time_s"] for s in steps]
-            ax.plot(
-                xs,
-                a["eval_curve"]["eval_loss"],
-                "-" if a["seed"] == 0 else "--",
-                color=colours[a["arm"]],
-                label=run_name(a["arm"], a["seed"]),
-            )
-        if "dense_final_eval_loss" in study:
-            ax.axhline(study["dense_final_eval_loss"], color="grey", lw=0.8, ls=":")
-        losses = [x for a in study["arms"] for x in a["eval_curve"]["eval_loss"]]
-        low = min(losses)
-        ax.set_ylim(low - 0.05 * abs(low), min(max(losses), low + 2.0))
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out loss (nats/token)")
-        ax.set_title(f"MoE vs dense at equal activated FLOPs: loss vs {label}")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        path = out / f"moe_vs_dense_loss_vs_{x_name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
-    return written
-
-
-def write_report(study: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    summarise(study)
-    (out / JSON_NAME).write_text(json.dumps(study, indent=1, sort_keys=True) + "\n")
-    if study["arms"]:
-        plot(study, out)
-        (out / "moe_vs_dense_table.md").write_text(markdown_table(study))
-
-
-def load_study(out: Path) -> dict:
-    path = out / JSON_NAME
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"arms": []}
-
-
-def merge_arm(study: dict, record: dict) -> None:
-    """Replaces the run with the same (arm, seed), else appends."""
-    key = (record["arm"], record["seed"])
-    study["arms"] = [a for a in study["arms"] if (a["arm"], a["seed"]) != key] + [record]
 
 
 # ---- main -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -46,6 +47,38 @@ SHAPE_FIELDS = {
 
 class CheckpointError(GlamError):
     """A checkpoint that does not fit this run, reported in one sentence."""
+
+
+RUN_CONFIG = "config.json"  # the whole config of the newest run in a workdir
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the full config beside the checkpoints, so tools that start from a workdir
+    (distillation's teacher) need no --config."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, RUN_CONFIG)
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    os.replace(path + ".tmp", path)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config that `save_run_config` wrote (JSON lists become the tuples they were)."""
+    path = os.path.join(workdir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{workdir} has no {RUN_CONFIG}; pass the config it was trained with."
+        )
+
+    def tuples(value):
+        if isinstance(value, dict):
+            return {key: tuples(v) for key, v in value.items()}
+        if isinstance(value, list):
+            return tuple(tuples(v) for v in value)
+        return value
+
+    with open(path) as f:
+        return ml_collections.ConfigDict(tuples(json.load(f)))
 
 
 def allgather_json(value: Any) -> list[Any]:

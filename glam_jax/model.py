@@ -310,7 +310,10 @@ class Transformer(nn.Module):
         if mc.scan_layers:
             scanned = nn.scan(
                 block_cls,
-                variable_axes={"params": 0, "cache": 0} if decode else {"params": 0},
+                # 'intermediates': MoE routing sown for glam_jax/analysis, stacked per block.
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0}
+                if decode
+                else {"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True, "routing": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=segment.repeats,

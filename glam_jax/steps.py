@@ -148,8 +148,15 @@ def state_shardings(config, model: Transformer, abstract: TrainState, mesh: Mesh
     return sharding.named_shardings(mesh, specs)
 
 
-def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool):
-    """Total loss = CE + logits z-loss + weighted MoE losses; also returns metrics."""
+def loss_and_metrics(
+    params, batch, rng, model: Transformer, config, train: bool, objective: Callable | None = None
+):
+    """Total loss = CE + logits z-loss + weighted MoE losses; also returns metrics.
+
+    objective(logits_btv, ce, weights_bt, denom) -> (token objective, extra metrics) replaces
+    the CE term of the total (distillation mixes it with a soft CE against a teacher); None
+    keeps the plain CE.
+    """
     moe, tc = config.moe, config.train
     rngs = {}
     if rng is not None:
@@ -169,15 +176,18 @@ def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool
     denom = jnp.maximum(jnp.sum(weights), 1.0)
     ce = jnp.sum(nll_bt) / denom
     logits_z = jnp.sum(jnp.square(logz_bt) * weights) / denom
+    token_objective, extra = (
+        (ce, {}) if objective is None else objective(logits, ce, weights, denom)
+    )
     loss = (
-        ce
+        token_objective
         + tc.logits_z_loss_weight * logits_z
         + moe.aux_loss_weight * stats["aux_loss"]
         + moe.z_loss_weight * stats["z_loss"]
         + moe.importance_loss_weight * stats["importance_loss"]
         + moe.load_loss_weight * stats["load_loss"]
     )
-    metrics = dict(stats, loss=loss, ce_loss=ce, logits_z_loss=logits_z)
+    metrics = dict(stats, loss=loss, ce_loss=ce, logits_z_loss=logits_z, **extra)
     metrics["nll_sum"] = jnp.sum(nll_bt)
     metrics["weight_sum"] = jnp.sum(weights)
     metrics["char_sum"] = jnp.sum(batch["target_chars"].astype(jnp.float32) * weights)
@@ -185,15 +195,32 @@ def loss_and_metrics(params, batch, rng, model: Transformer, config, train: bool
 
 
 def make_train_step(
-    config, model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, shardings: TrainState
+    config,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    shardings: TrainState,
+    *,
+    loss_fn: Callable | None = None,
+    aux_shardings: Any = None,
 ) -> Callable:
-    """jit(state, batch) -> (state, metrics), state donated, batch split over data x expert."""
-    schedule_lr = learning_rate_schedule(config.train)
+    """jit(state, batch) -> (state, metrics), state donated, batch split over data x expert.
 
-    def train_step(state: TrainState, batch):
+    loss_fn(params, batch, rng, aux) -> (loss, metrics) replaces `loss_and_metrics`; with
+    aux_shardings the step is jit(state, batch, aux) and passes `aux` (e.g. a frozen teacher's
+    params) to loss_fn as a plain input: not donated, not differentiated, not updated.
+    """
+    schedule_lr = learning_rate_schedule(config.train)
+    if loss_fn is None:
+
+        def loss_fn(params, batch, rng, aux):
+            del aux
+            return loss_and_metrics(params, batch, rng, model, config, True)
+
+    def train_step(state: TrainState, batch, aux=None):
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, batch, rng, model, config, True)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, batch, rng, aux)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -202,9 +229,12 @@ def make_train_step(
         return new_state, metrics
 
     batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
+    in_shardings = (shardings, batch_shardings)
+    if aux_shardings is not None:
+        in_shardings += (aux_shardings,)
     jitted = jax.jit(
         train_step,
-        in_shardings=(shardings, batch_shardings),
+        in_shardings=in_shardings,
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )

@@ -7,9 +7,11 @@ checkpoint, data order included, and reproduces the unbroken run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -51,7 +53,19 @@ def mesh_and_data(config: ml_collections.ConfigDict, workdir: str):
     return mesh, data
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str):
+@dataclasses.dataclass(frozen=True)
+class TrainHooks:
+    """What a variant of training (distillation, glam_jax/distill.py) changes in this one loop.
+
+    make_train_step(config, model, tx, mesh, shardings) -> step(state, batch) -> (state, metrics);
+    init_state(state, mesh) -> state adjusts a freshly initialised state (never a resumed one).
+    """
+
+    make_train_step: Callable = steps.make_train_step
+    init_state: Callable | None = None
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, init_state: Callable | None = None):
     """Checks the config, builds mesh, data, model, optimizer and (restored) state."""
     mesh, data = mesh_and_data(config, workdir)
     model = steps.build_model(config)
@@ -64,6 +78,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
         say(f"Resumed from step {int(state.step)} in {ckpt.directory}")
     else:
         state, shardings = steps.create_train_state(config, model, tx, mesh)
+        if init_state is not None:
+            state = init_state(state, mesh)
     return mesh, data, model, tx, ckpt, state, shardings
 
 
@@ -131,6 +147,8 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
             "importance_loss",
             "load_loss",
             "logits_z_loss",
+            "soft_loss",
+            "soft_kl",
             "learning_rate",
             "grad_norm",
             "expert_load",
@@ -147,12 +165,17 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
 
 
 @sharding.with_config_rules
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, hooks: TrainHooks | None = None
+) -> dict[str, float]:
     """Trains to config.train.steps with periodic eval and checkpoints; returns the last eval."""
     tc = config.train
+    hooks = hooks or TrainHooks()
     os.makedirs(workdir, exist_ok=True)
-    mesh, data, model, tx, ckpt, state, shardings = setup(config, workdir)
+    mesh, data, model, tx, ckpt, state, shardings = setup(config, workdir, hooks.init_state)
     primary = jax.process_index() == 0
+    if primary:
+        checkpoint.save_run_config(config, workdir)
     writer = MetricsWriter(workdir, enabled=primary)
     start_step = int(state.step)
     if primary:
@@ -167,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{counts.flops_per_token / 1e9:.4g} GFLOP/token (train); mesh {dict(mesh.shape)}; "
         f"{data.num_train_documents} train / {data.num_eval_documents} eval documents."
     )
-    train_step = steps.make_train_step(config, model, tx, mesh, shardings)
+    train_step = hooks.make_train_step(config, model, tx, mesh, shardings)
     eval_step = steps.make_eval_step(config, model, mesh, shardings.params)
     tokens_per_step = tc.batch_size * tc.seq_len
 

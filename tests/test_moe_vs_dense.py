@@ -1,7 +1,6 @@
-"""The MoE-vs-dense study driver: a tiny two-arm run end to end, the report maths, bad flags."""
+"""The MoE-vs-dense study: a tiny two-arm run of the driver end to end, the report maths
+(glam_jax/study_report.py), bad flags."""
 
-import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from glam_jax import study_report
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments/moe_vs_dense.py"
-
-
-@functools.cache  # the script defines absl flags: load it once per process
-def load_driver():
-    spec = importlib.util.spec_from_file_location("moe_vs_dense", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_driver(*args, cwd=REPO):
@@ -83,17 +76,15 @@ def curve(losses, every=100):
 
 
 def test_steps_to_reach_interpolates_between_evaluations():
-    driver = load_driver()
     c = curve([5.0, 4.0, 3.0, 2.5])
-    assert driver.steps_to_reach(c, 4.0) == 200
-    assert driver.steps_to_reach(c, 3.5) == pytest.approx(250)
-    assert driver.steps_to_reach(c, 2.75) == pytest.approx(350)
-    assert driver.steps_to_reach(c, 6.0) == 100
-    assert driver.steps_to_reach(c, 2.0) is None
+    assert study_report.steps_to_reach(c, 4.0) == 200
+    assert study_report.steps_to_reach(c, 3.5) == pytest.approx(250)
+    assert study_report.steps_to_reach(c, 2.75) == pytest.approx(350)
+    assert study_report.steps_to_reach(c, 6.0) == 100
+    assert study_report.steps_to_reach(c, 2.0) is None
 
 
 def test_headline_ratios_pair_each_seed_with_its_dense_run():
-    driver = load_driver()
 
     def run(arm, seed, losses, step_time):
         return {
@@ -115,7 +106,7 @@ def test_headline_ratios_pair_each_seed_with_its_dense_run():
             run("moe64", 0, [4.5, 3.5, 2.5, 1.9], 0.3),
         ]
     }
-    driver.summarise(study)
+    study_report.summarise(study)
     assert study["best_moe_arm"] == "moe16"
     assert study["steps_ratio_to_dense_loss"] == pytest.approx(300 / 400)
     assert study["wallclock_ratio_to_dense_loss"] == pytest.approx(300 * 0.2 / 40)

@@ -23,7 +23,11 @@ ROUTER_AXES = ("embed", None)  # router matrices [M, E]: replicated over experts
 
 
 class MoE(nn.Module):
-    """Top-k sparse FFN: returns the combined expert outputs and a dict of routing stats."""
+    """Top-k sparse FFN: returns the combined expert outputs and a dict of routing stats.
+
+    Token-choice routers also `sow` ('intermediates', 'routing') = (expert ids, combine
+    weights), each [G, T, k], for glam_jax/analysis; nothing is stored unless asked for.
+    """
 
     config: Any  # FrozenConfigDict of the whole run config
     train: bool = False
@@ -71,6 +75,11 @@ class MoE(nn.Module):
                 options=moe,
             )
         )
+
+        if isinstance(routing, routers.Routing):
+            # For glam_jax/analysis: each token's k expert ids and combine weights, [G, T, k].
+            # A no-op unless apply() makes 'intermediates' mutable, so training is unchanged.
+            self.sow("intermediates", "routing", (routing.expert_index, routing.combine_weights))
 
         # ---- dispatch ----
         options = dispatch_lib.DispatchOptions(

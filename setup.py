@@ -9,7 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["glam_jax", "glam_jax.*", "configs", "experiments"]),
+    # Only the library: configs/ and experiments/ are files of the checkout, not packages to
+    # install (top-level names like `configs` would clash with other projects).
+    packages=find_packages(include=["glam_jax", "glam_jax.*"]),
     package_data={"glam_jax.data": ["corpus/*.txt", "corpus/*.md"]},
     include_package_data=True,
     install_requires=[

@@ -1,7 +1,7 @@
 """GLaM-1.7B shapes cut to fit one H100 for the full-step benchmark (experiments/bench.py).
 
 8 layers = 4 scanned (dense, MoE) blocks, M=2048, 16x128 heads, H=8192 gated GELU, vocab
-32768, 8 experts top-2, B=8 x S=2048: the reference model of reference/moe.md section 6.
+32768, 8 experts top-2, B=8 x S=2048: the reference model of docs/moe_reference.md section 6.
 Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, `:moe+mesh=1x4x1+batch=32`
 (expert parallelism over 4 GPUs, 8 rows per GPU), `:moe+experts=64+layers=4`,
 `:dense+docmask` (segment mask given to attention), `:moe+policy=none` (a REMAT_POLICIES name),
@@ -16,70 +16,41 @@ groups of 1024 tokens, and the XLA flags of glam_jax/gpu_defaults.py.
 
 import ml_collections
 
-from configs import glam
+from glam_jax.presets import glam
+from glam_jax.presets.variants import parse_variant
 
-# `key=value` parts of a variant and how each value is read.
-VALUE_PARSERS = {
-    "dispatch": str,
-    "batch": int,
-    "remat": str,
-    "policy": str,  # a model.REMAT_POLICIES name
-    "mesh": lambda v: tuple(int(x) for x in v.split("x")),  # data x expert x model, e.g. 1x4x1
-    "experts": int,
-    "layers": int,
-    "group": int,
-    "exchange": str,
-    "opt": str,  # adamw (the stock-JAX reference's) or adafactor (GLaM's)
-    "gmm": str,  # moe.ragged_matmul of dropless: auto, blocked, mgpu, xla
-    "glu": str,  # fused (moe.fused_glu, the default) or unfused
+# Variant keys, their defaults (whose types say how values are read) and the accepted words.
+VARIANT = {
+    "kind": "moe",  # moe or dense (a bare word)
+    "dispatch": "einsum",
+    "batch": 8,
+    "remat": "block",
+    "policy": "dots",  # a model.REMAT_POLICIES name
+    "mesh": (-1, 1, 1),  # data x expert x model, e.g. 1x4x1
+    "experts": 8,
+    "layers": 8,
+    "exchange": "gspmd",
+    "docmask": False,  # bare word: segment mask given to attention
+    "group": 1024,
+    "unrolled": False,  # bare word: model.scan_layers=False
+    "opt": "adamw",  # adamw (the stock-JAX reference's) or adafactor (GLaM's)
+    "gmm": "auto",  # moe.ragged_matmul of dropless: auto, blocked, mgpu, xla
+    "glu": "fused",  # fused (moe.fused_glu, the default) or unfused
 }
-SWITCHES = ("docmask", "unrolled")  # bare words that turn an option on
+CHOICES = {"kind": ("moe", "dense"), "glu": ("fused", "unfused")}
 
 
-def parse_variant(arg: str | None) -> dict:
+def parse(arg: str | None) -> dict:
     """'moe' (default), 'dense', 'moe+dispatch=sort', 'dense+batch=16', ..."""
-    variant = {
-        "kind": "moe",
-        "dispatch": "einsum",
-        "batch": 8,
-        "remat": "block",
-        "policy": "dots",
-        "mesh": (-1, 1, 1),
-        "experts": 8,
-        "layers": 8,
-        "exchange": "gspmd",
-        "docmask": False,
-        "group": 1024,
-        "unrolled": False,
-        "opt": "adamw",
-        "gmm": "auto",
-        "glu": "fused",
-    }
-    for part in (arg or "").split("+"):
-        if not part:
-            continue
-        key, _, value = part.partition("=")
-        if key in SWITCHES and not value:
-            variant[key] = True
-        elif not value:
-            variant["kind"] = key
-        elif key in VALUE_PARSERS:
-            variant[key] = VALUE_PARSERS[key](value)
-        else:
-            valid = ", ".join([*SWITCHES, *(f"{k}=" for k in VALUE_PARSERS)])
-            raise ValueError(f"unknown bench variant {part!r}; use moe|dense, {valid}.")
-    if variant["glu"] not in ("fused", "unfused"):
-        raise ValueError(f"bench variant glu={variant['glu']!r} is not 'fused' or 'unfused'.")
-    if variant["kind"] not in ("moe", "dense"):
-        raise ValueError(f"bench variant {variant['kind']!r} is not 'moe' or 'dense'.")
-    return variant
+    return parse_variant(arg, VARIANT, positional="kind", choices=CHOICES, where="bench")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """GLaM-1.7B shapes cut to one GPU, with the variant's changes."""
     config = glam.get_config("1_7b")
     config.model.vocab_size = 32768
     config.model.max_len = 2048
-    variant = parse_variant(arg)
+    variant = parse(arg)
     # Benchmark rows hold one document each, so the document mask would change nothing; with it
     # cuDNN gets a dense [B, H, S, S] mask-plus-bias (variant `docmask` measures that cost).
     config.model.document_mask = variant["docmask"]

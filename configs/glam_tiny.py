@@ -1,14 +1,20 @@
 """Tiny GLaM: 4 layers (2 scanned dense+MoE blocks), 8 experts; trains on a 2-core CPU in minutes.
 
 python experiments/train.py --config=configs/glam_tiny.py --workdir=/tmp/glam_tiny
+Variants: `:router=switch_top1,k=1`, `:dispatch=dropless`, `:experts=4`.
 """
 
 import ml_collections
 
-from configs.base import get_base_config
+from glam_jax.presets.base import get_base_config
+from glam_jax.presets.variants import parse_variant
+
+VARIANT = {"router": "gshard_top2", "k": 2, "dispatch": "einsum", "experts": 8}
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The tiny GLaM, with the variant's router (k), dispatch path and expert count."""
+    variant = parse_variant(arg, VARIANT, where="glam_tiny")
     config = get_base_config()
     m = config.model
     m.vocab_size = 2048  # SentencePiece trained on tiny Shakespeare at first use
@@ -19,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.head_dim = 32
     m.max_len = 256
     m.dtype = "float32"  # CPU: float32 is faster than emulated bfloat16
-    config.moe.num_experts = 8
+    config.moe.num_experts = variant["experts"]
+    config.moe.router, config.moe.num_selected = variant["router"], variant["k"]
+    config.moe.dispatch = variant["dispatch"]
     config.moe.group_size = 256  # tokens per routing group (<= tokens per device up to 8 devices)
     t = config.train
     t.batch_size = 16

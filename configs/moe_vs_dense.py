@@ -19,6 +19,7 @@ few minutes on one H200 at the speed of the project's dropless kernels.
 import ml_collections
 
 from configs.base import get_base_config
+from glam_jax.presets import variants
 
 # name: (experts, router, k, expert width as a fraction of the dense FFN width)
 ARMS = {
@@ -30,25 +31,12 @@ ARMS = {
     "topk32": (32, "topk_softmax", 4, 0.25),  # fine-grained: 4 of 32 quarter-width experts
 }
 SCALES = ("h200", "tiny")
-VARIANT_KEYS = {"arm": str, "seed": int, "steps": int, "scale": str}
+VARIANT = {"arm": "dense", "seed": 0, "steps": 0, "scale": "h200"}
 
 
 def parse_variant(arg: str | None) -> dict:
     """'arm=moe16,seed=1' -> {'arm': 'moe16', 'seed': 1, 'steps': 0, 'scale': 'h200'}."""
-    variant = {"arm": "dense", "seed": 0, "steps": 0, "scale": "h200"}
-    for part in (arg or "").split(","):
-        if not part.strip():
-            continue
-        key, sep, value = part.strip().partition("=")
-        if not sep or key not in VARIANT_KEYS:
-            raise ValueError(
-                f"study variant {part!r} is not understood; use key=value with keys "
-                f"{', '.join(VARIANT_KEYS)}."
-            )
-        try:
-            variant[key] = VARIANT_KEYS[key](value)
-        except ValueError:
-            raise ValueError(f"study variant {key}={value!r} is not an integer.") from None
+    variant = variants.parse_variant(arg, VARIANT, where="study")
     if variant["arm"] not in ARMS:
         raise ValueError(f"study arm {variant['arm']!r} is not known; valid: {', '.join(ARMS)}.")
     if variant["scale"] not in SCALES:

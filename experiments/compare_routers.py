@@ -16,8 +16,9 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
-from glam_jax import cli, config_checks, gpu_defaults, routing, train
+from glam_jax import cli, config_checks, gpu_defaults, train
 from glam_jax.metrics_writer import read_metrics
+from glam_jax.moe import routers as routing
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/glam_tiny.py", "Base config.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/glam_compare_routers", "Output directory.")

@@ -14,9 +14,20 @@ from ml_collections import config_flags
 
 from glam_jax import cli, gpu_defaults, optim, sharding, steps
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
-_LAYERS = flags.DEFINE_list("layers", ["4", "8", "16", "32"], "Depths to compile.")
-_JSON = flags.DEFINE_bool("json", False, "Print a JSON list.")
+# Flags are defined only when run as a program, so importing this module (tests, notebooks)
+# never clashes with another module's `--config`.
+_FLAGS: dict = {}
+
+
+def _define_flags() -> dict:
+    """The command-line flags of this program."""
+    return dict(
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Model config file.", lock_config=False
+        ),
+        layers=flags.DEFINE_list("layers", ["4", "8", "16", "32"], "Depths to compile."),
+        json=flags.DEFINE_bool("json", False, "Print a JSON list."),
+    )
 
 
 def hlo_op_count(hlo_text: str) -> int:
@@ -55,10 +66,10 @@ def probe(config, num_layers: int, mesh) -> dict:
 
 def main(argv) -> None:
     del argv
-    config = _CONFIG.value
+    config = _FLAGS["config"].value
     mesh = sharding.make_mesh(config.mesh.shape)
-    rows = [probe(config, int(n), mesh) for n in _LAYERS.value]
-    if _JSON.value:
+    rows = [probe(config, int(n), mesh) for n in _FLAGS["layers"].value]
+    if _FLAGS["json"].value:
         print(json.dumps(rows))
         return
     print(f"{'layers':>6s} {'compile_s':>10s} {'hlo_ops':>8s} while")
@@ -67,6 +78,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _FLAGS.update(_define_flags())
     flags.mark_flag_as_required("config")
     gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
     cli.run(main)

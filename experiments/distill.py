@@ -14,8 +14,8 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs.base import get_base_config
 from glam_jax import cli, distill, gpu_defaults
+from glam_jax.presets.base import get_base_config
 
 _TEACHER = flags.DEFINE_string("teacher_workdir", None, "Trained MoE workdir (the teacher).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The student's workdir.")

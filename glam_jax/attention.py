@@ -4,7 +4,7 @@ Two kernels compute the same function: XLA einsums (everywhere) and cuDNN flash 
 (`jax.nn.dot_product_attention(implementation='cudnn')`, GPU only), which also returns the
 bias gradient. The bias is never a gather of S^2 entries from the bucket table: that
 gather's backward is a scatter-add of S^2 updates into 32 buckets, which made a GPU train step
->100x slower (reference/moe.md section 6). It is built as a Toeplitz matrix from one value
+far slower (docs/moe_reference.md section 6). It is built as a Toeplitz matrix from one value
 per offset instead (`relative_bias`), whose gradient is a sum along diagonals.
 
 cuDNN takes a document (segment) mask only folded into the bias, which makes the bias and
@@ -212,6 +212,7 @@ class Attention(nn.Module):
     def __call__(
         self, x_btm: jax.Array, segment_ids_bt: jax.Array | None, positions_bt: jax.Array | None
     ) -> jax.Array:
+        """x [B, T, M] -> attention output [B, T, M], causal within each document."""
         b, t, m = x_btm.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         init = nn.initializers.normal(self.init_std)

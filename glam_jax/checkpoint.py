@@ -171,6 +171,7 @@ class Checkpointer:
 
     @property
     def latest_step(self) -> int | None:
+        """The newest saved step, or None in an empty workdir."""
         return self.manager.latest_step()
 
     def save(
@@ -236,8 +237,10 @@ class Checkpointer:
         return target
 
     def wait(self) -> None:
+        """Blocks until pending background writes are on disk."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finishes pending writes and releases the checkpoint manager."""
         self.manager.wait_until_finished()
         self.manager.close()

@@ -14,8 +14,9 @@ from collections.abc import Collection
 import jax
 import ml_collections
 
-from glam_jax import attention, dispatch, layers, model, optim, routing, sharding
+from glam_jax import attention, layers, model, optim, sharding
 from glam_jax.errors import GlamError
+from glam_jax.moe import capacity, dispatch, routers
 
 
 class ConfigError(GlamError):
@@ -40,11 +41,11 @@ def enumerated_knobs() -> dict[str, Collection[str]]:
         "model.attention_impl": attention.ATTENTION_IMPLS,
         "model.remat_policy": model.REMAT_POLICIES,
         "model.remat_scope": model.REMAT_SCOPES,
-        "moe.router": routing.ROUTERS,
-        "moe.second_expert_policy": routing.SECOND_EXPERT_POLICIES,
+        "moe.router": routers.ROUTERS,
+        "moe.second_expert_policy": routers.SECOND_EXPERT_POLICIES,
         "moe.dispatch": dispatch.DISPATCHES,
         "moe.decode_dispatch": dispatch.DISPATCHES,
-        "moe.capacity_convention": dispatch.CAPACITY_CONVENTIONS,
+        "moe.capacity_convention": capacity.CAPACITY_CONVENTIONS,
         "moe.expert_exchange": dispatch.EXCHANGES,
         "moe.ragged_matmul": dispatch.RAGGED_MATMUL_CHOICES,
         "train.optimizer": optim.OPTIMIZERS,
@@ -123,15 +124,10 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     mc, moe = config.model, config.moe
     _need(moe.every >= 1, f"moe.every={moe.every} must be >= 1 (1 = every layer is MoE).")
     check_values(config)
-    _need(
-        mc.num_layers % moe.every == 0,
-        f"model.num_layers={mc.num_layers} must be a multiple of moe.every={moe.every} "
-        "(the scan body is one block of moe.every layers).",
-    )
-    _need(
-        0 <= moe.moe_index_in_block < moe.every,
-        f"moe.moe_index_in_block={moe.moe_index_in_block} must be in [0, moe.every={moe.every}).",
-    )
+    if mc.get("segments"):
+        _check_segments(config)
+    else:
+        _check_block(config)
     kv = mc.num_kv_heads or mc.num_heads
     _need(
         mc.num_heads % kv == 0,
@@ -147,7 +143,8 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         _need(
             moe[name] > 0, f"moe.{name}={moe[name]} must be > 0 (1.25 train / 2.0 eval are usual)."
         )
-    fixed = routing.FIXED_K.get(moe.router)
+    spec = routers.ROUTERS[moe.router]
+    fixed = spec.fixed_k
     _need(
         fixed is None or moe.num_selected == fixed,
         f"moe.router={moe.router!r} always picks {fixed} expert(s) per token, "
@@ -157,20 +154,46 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         1 <= moe.num_selected <= moe.num_experts,
         f"moe.num_selected={moe.num_selected} must be in [1, moe.num_experts={moe.num_experts}].",
     )
-    _need(
-        not (moe.router == "expert_choice" and moe.dispatch == "dropless"),
-        "moe.router='expert_choice' fixes each expert's capacity, so moe.dispatch='dropless' "
-        "does not apply; use 'einsum' or 'sort'.",
-    )
-    _need(
-        not (moe.router == "noisy_topk" and moe.num_selected >= moe.num_experts),
-        f"moe.router='noisy_topk' needs moe.num_selected < moe.num_experts, got "
-        f"{moe.num_selected} and {moe.num_experts}.",
-    )
+    complaint = spec.check(moe)  # the router's own rules (RouterSpec.check)
+    _need(complaint is None, complaint or "")
     _need(
         not (moe.expert_exchange == "all_to_all" and moe.dispatch == "dropless"),
         "moe.expert_exchange='all_to_all' exchanges fixed-capacity buffers, so it needs "
         "moe.dispatch='einsum' or 'sort', not 'dropless'.",
+    )
+
+
+def _check_block(config: ml_collections.ConfigDict) -> None:
+    """The default stack: one segment of moe.every-layer blocks."""
+    mc, moe = config.model, config.moe
+    _need(
+        mc.num_layers % moe.every == 0,
+        f"model.num_layers={mc.num_layers} must be a multiple of moe.every={moe.every} "
+        "(the scan body is one block of moe.every layers).",
+    )
+    _need(
+        0 <= moe.moe_index_in_block < moe.every,
+        f"moe.moe_index_in_block={moe.moe_index_in_block} must be in [0, moe.every={moe.every}).",
+    )
+
+
+def _check_segments(config: ml_collections.ConfigDict) -> None:
+    """An explicit model.segments stack: parses, adds up to num_layers, MoE only with experts."""
+    mc = config.model
+    try:
+        stack = model.segments(config)
+    except model.SegmentError as err:
+        raise ConfigError(str(err)) from None
+    total = sum(seg.num_layers for seg in stack)
+    _need(
+        total == mc.num_layers,
+        f"model.segments={mc.segments!r} has {total} layers but model.num_layers="
+        f"{mc.num_layers}; make them agree.",
+    )
+    has_moe = any("moe" in seg.pattern for seg in stack)
+    _need(
+        not has_moe or config.moe.num_experts > 0,
+        f"model.segments={mc.segments!r} has MoE layers but moe.num_experts=0.",
     )
 
 

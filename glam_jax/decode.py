@@ -26,9 +26,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from glam_jax import dispatch, sharding
+from glam_jax import sharding
 from glam_jax.errors import GlamError
 from glam_jax.model import Transformer
+from glam_jax.moe import dispatch, routers
 
 # Routing groups as large as the tokens each batch shard holds (capacity paths: capacity = T).
 DECODE_GROUP_SIZE = 1 << 30
@@ -52,6 +53,7 @@ class Sampling:
     vocab_limit: int = 0
 
     def check(self) -> Sampling:
+        """self, or one sentence naming the first out-of-range setting."""
         if self.temperature < 0:
             raise DecodeError(f"temperature={self.temperature} must be >= 0 (0 = greedy).")
         if self.top_k < 0:
@@ -70,9 +72,9 @@ def decode_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenCon
     else:
         c = copy.deepcopy(config)
     moe = c.moe
-    if moe.num_experts and moe.router == "expert_choice":
+    if moe.num_experts and not routers.get_router(moe.router).causal:
         raise DecodeError(
-            "moe.router='expert_choice' picks tokens using later tokens of the group, so it "
+            f"moe.router={moe.router!r} picks tokens using later tokens of the group, so it "
             "cannot decode one token at a time; use a token-choice router."
         )
     if moe.decode_dispatch not in dispatch.DISPATCHES:
@@ -164,6 +166,7 @@ class Generation:
 
     @property
     def new_tokens(self) -> int:
+        """Tokens produced over all rows."""
         return self.batch * self.steps
 
     @property

@@ -7,24 +7,28 @@ Conventions (stated wherever a figure is printed):
   counted once more, the embedding lookup not) + causal attention 2 x 2 x S/2 x heads x d per
   layer. Training = 3 x forward. Capacity padding and dropped tokens are not counted.
 - "two-matrix" counts leave out each FFN's gate matrix `wi_1`: the convention under which the
-  GLaM paper's totals come out (reference/moe.md section 3).
+  GLaM paper's totals come out (docs/moe_reference.md section 3).
+- expert weights are the parameters with an `expert` logical axis (not found by their path, so
+  a shared expert, a dense FFN inside an MoE layer, is counted as activated for every token).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from glam_jax import steps
-
-EXPERT_LEAVES = ("wi_0", "wi_1", "wo")
 
 
 @dataclasses.dataclass(frozen=True)
 class Counts:
+    """Parameter and FLOP counts of one config (conventions in the module docstring)."""
+
     total_params: int
     activated_params: int
     expert_params: int
@@ -37,6 +41,7 @@ class Counts:
 
 
 def _path_names(path) -> list[str]:
+    """The keys of a pytree path as strings."""
     return [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
 
 
@@ -44,20 +49,25 @@ def count(config: ml_collections.ConfigDict, seq_len: int | None = None) -> Coun
     """Counts for `config`; seq_len (default train.seq_len) sets the attention FLOPs."""
     seq_len = seq_len or config.train.seq_len
     model = steps.build_model(config)
+    boxed = steps.abstract_boxed_params(model, config)
     abstract = jax.tree.map(
         lambda x: x.value if hasattr(x, "value") else x,
-        steps.abstract_boxed_params(model, config),
+        boxed,
         is_leaf=lambda x: hasattr(x, "value"),
+    )
+    axes = jax.tree.leaves(
+        nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
     moe, mc = config.moe, config.model
     k_over_e = moe.num_selected / moe.num_experts if moe.num_experts else 0.0
     total = expert = embedding = gates = expert_gates = 0
     matmul_activated = 0.0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    for (path, leaf), logical in zip(flat, axes, strict=True):
         names = _path_names(path)
         n = int(np.prod(leaf.shape))
         total += n
-        is_expert = "moe" in names and names[-1] in EXPERT_LEAVES
+        is_expert = "expert" in tuple(logical)
         if names[-1] == "wi_1":
             gates += n
             expert_gates += n if is_expert else 0

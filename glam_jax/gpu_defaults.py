@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-# Flag -> value; reference/moe.md section 6 lists these as the useful ones on H100/H200.
+# Flag -> value; docs/moe_reference.md section 6 lists these as the useful ones on Hopper GPUs.
 XLA_GPU_FLAGS = {
     "--xla_gpu_enable_latency_hiding_scheduler": "true",  # overlap collectives with compute
     "--xla_gpu_enable_triton_gemm": "false",  # cuBLAS GEMMs are faster for these shapes

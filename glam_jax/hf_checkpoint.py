@@ -47,6 +47,8 @@ from safetensors.numpy import save_file
 from glam_jax import sharding
 from glam_jax.errors import GlamError
 from glam_jax.model import Transformer, frozen
+from glam_jax.presets.base import get_base_config
+from glam_jax.presets.mixtral import mixtral_architecture
 
 INDEX_FILE = "model.safetensors.index.json"
 BLOCK = ("blocks", "layer_0")
@@ -63,9 +65,6 @@ class HFCheckpointError(GlamError):
 # ---- config --------------------------------------------------------------------------------
 def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     """The glam_jax config of a Mixtral config.json (parameters and compute in its dtype)."""
-    from configs.base import get_base_config  # configs/ is a package of this project
-    from configs.mixtral import mixtral_architecture
-
     if hf.get("model_type") != "mixtral":
         raise HFCheckpointError(
             f"config.json has model_type={hf.get('model_type')!r}; only 'mixtral' checkpoints "
@@ -163,6 +162,7 @@ def check_mixtral(config) -> None:
 
 
 def read_config(path: str) -> dict:
+    """The config.json of a Hugging Face checkpoint directory, as a dict."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise HFCheckpointError(f"{path} has no config.json; it is not a Hugging Face checkpoint.")
@@ -298,6 +298,7 @@ class ShardIndex:
         return shapes
 
     def read(self, key: str) -> np.ndarray:
+        """The tensor stored under `key`, from whichever shard file holds it."""
         with safe_open(os.path.join(self.path, self.file_of[key]), framework="np") as f:
             return f.get_tensor(key)
 

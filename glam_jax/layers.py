@@ -61,6 +61,7 @@ class Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x_btm: jax.Array) -> jax.Array:
+        """x [..., M] normalised over M and scaled, in the module's dtype."""
         x = x_btm.astype(jnp.float32)
         if self.kind == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
@@ -83,6 +84,7 @@ class Embed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
+        """Creates the [vocab, embed] table (shared by __call__ and attend)."""
         self.embedding = param_with_axes(
             self,
             "embedding",
@@ -93,6 +95,7 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
+        """Token ids [B, T] -> embeddings [B, T, M]."""
         # A one-hot matmul would shard the vocab cleanly, but a gather is cheaper at 32K vocab.
         x_btm = jnp.take(self.embedding, ids_bt, axis=0).astype(self.dtype)
         return constrain(x_btm, ("batch", "length", "embed"))
@@ -120,6 +123,7 @@ class GluFFN(nn.Module):
 
     @nn.compact
     def __call__(self, x_btm: jax.Array) -> jax.Array:
+        """x [B, T, M] -> FFN output [B, T, M]."""
         m = x_btm.shape[-1]
         init = nn.initializers.normal(self.init_std)
         act = activation_fn(self.activation)

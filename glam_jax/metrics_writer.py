@@ -34,6 +34,7 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, row: dict[str, Any]) -> None:
+        """Appends one row of metrics for `step` (JSON line, and TensorBoard where enabled)."""
         if not self.enabled:
             return
         plain = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
@@ -50,6 +51,7 @@ class MetricsWriter:
         self._tb.flush()
 
     def close(self) -> None:
+        """Flushes and closes the writers."""
         if self._tb is not None:
             self._tb.close()
 

@@ -1,11 +1,13 @@
 """The decoder-only (MoE) transformer LM.
 
-The layer stack is ONE `nn.scan` over blocks of `moe.every` layers (GLaM: a dense layer and
-an MoE layer). Parameters of the scanned block carry a leading `layers` axis that is never
-sharded, so device d holds the same experts in every layer and XLA compiles one loop body
-whatever the depth. `model.scan_layers=False` builds the blocks one by one instead (MaxText's
-`scan_layers` switch): same maths and sharding, no slicing of stacked buffers in the step,
-compile time growing with depth.
+The layer stack is a list of segments, each a block pattern of FFN kinds (`FFN_KINDS`: dense,
+moe) repeated some number of times (`segments`). Each segment is ONE `nn.scan` over its blocks
+(GLaM: one segment of (dense, moe) blocks; "first k dense, then MoE": two segments).
+Parameters of a scanned block carry a leading `layers` axis that is never sharded, so device d
+holds the same experts in every layer and XLA compiles one loop body per segment whatever the
+depth. `model.scan_layers=False` builds the blocks one by one instead (MaxText's `scan_layers`
+switch): same maths and sharding, no slicing of stacked buffers in the step, compile time
+growing with depth.
 
 `decode=True` (generation, glam_jax/decode.py) adds a key/value cache per attention layer in
 the `cache` collection, stacked by the same scan; the training path is unchanged.
@@ -13,6 +15,9 @@ the `cache` collection, stacked by the same scan; the training path is unchanged
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from glam_jax.attention import Attention
+from glam_jax.errors import GlamError
 from glam_jax.layers import Embed, GluFFN, Norm, constrain, dtype_of, param_with_axes
 from glam_jax.moe import MoE
 
@@ -72,19 +78,102 @@ def frozen(config: ml_collections.ConfigDict | ml_collections.FrozenConfigDict):
 
 
 def num_kv_heads(mc) -> int:
+    """Key/value heads (grouped-query attention); 0 in the config means one per query head."""
     return mc.num_kv_heads or mc.num_heads
+
+
+class SegmentError(GlamError):
+    """A `model.segments` string that does not describe the layer stack, in one sentence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """`repeats` consecutive blocks of the FFN kinds in `pattern`: one scan (one loop body)."""
+
+    pattern: tuple[str, ...]  # FFN kind of each layer of one block, e.g. ('dense', 'moe')
+    repeats: int
+
+    @property
+    def num_layers(self) -> int:
+        """Layers in the whole segment."""
+        return len(self.pattern) * self.repeats
+
+
+_SEGMENT = re.compile(r"\(([^()]*)\)\s*\*\s*(\d+)")
+
+
+def parse_segments(text: str) -> tuple[Segment, ...]:
+    """'(dense)*2 (dense,moe)*3' -> two Segments; the FFN kinds are names of FFN_KINDS."""
+    found = _SEGMENT.findall(text)
+    if not found or _SEGMENT.sub("", text).strip(" ;,"):
+        raise SegmentError(
+            f"model.segments={text!r} is not a list of '(kind,kind,...)*repeats' "
+            f"with kinds from {sorted(FFN_KINDS)}, e.g. '(dense)*2 (dense,moe)*3'."
+        )
+    out = []
+    for pattern, repeats in found:
+        kinds = tuple(k.strip() for k in pattern.split(","))
+        bad = [k for k in kinds if k not in FFN_KINDS]
+        if bad or int(repeats) < 1:
+            raise SegmentError(
+                f"model.segments={text!r}: each block needs FFN kinds from {sorted(FFN_KINDS)} "
+                f"and repeats >= 1 (got {bad or repeats})."
+            )
+        out.append(Segment(kinds, int(repeats)))
+    return tuple(out)
+
+
+def segments(config) -> tuple[Segment, ...]:
+    """The layer stack of a config: `model.segments` if set, else one segment of blocks of
+    `moe.every` layers with the MoE FFN at `moe.moe_index_in_block` (all dense without experts)."""
+    mc, moe = config.model, config.moe
+    if mc.get("segments"):
+        return parse_segments(mc.segments)
+    pattern = tuple(
+        "moe" if moe.num_experts > 0 and i == moe.moe_index_in_block else "dense"
+        for i in range(moe.every)
+    )
+    return (Segment(pattern, mc.num_layers // moe.every),)
+
+
+def _dense_ffn(config, train: bool, wrap):
+    """The dense gated FFN as an FFN kind: (y, no stats)."""
+    mc = config.model
+    ffn = wrap(GluFFN)(
+        mlp_dim=mc.mlp_dim,
+        activation=mc.ffn_activation,
+        glu=mc.ffn_glu,
+        init_std=mc.init_std,
+        dropout_rate=mc.dropout_rate,
+        deterministic=not train,
+        dtype=dtype_of(mc.dtype),
+        param_dtype=dtype_of(mc.param_dtype),
+        name="ffn",
+    )
+    return lambda h_btm: (ffn(h_btm), {})
+
+
+def _moe_ffn(config, train: bool, wrap):
+    """The MoE layer as an FFN kind: (y, routing stats)."""
+    return wrap(MoE)(config, train=train, name="moe")
+
+
+# FFN kind -> builder(config, train, wrap) of a callable h -> (y, stats), made inside the layer
+# (wrap is the remat wrapper or the identity); the parameter scope is the builder's `name`.
+FFN_KINDS = {"dense": _dense_ffn, "moe": _moe_ffn}
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention and pre-norm FFN (dense or MoE), each with a residual."""
 
     config: Any
-    use_moe: bool
+    ffn: str  # a key of FFN_KINDS
     train: bool = False
     decode: bool = False
 
     @nn.compact
     def __call__(self, x_btm, segment_ids_bt, positions_bt):
+        """x [B, S, M] -> (x [B, S, M], the FFN's stats)."""
         mc = self.config.model
         dtype, pdtype = dtype_of(mc.dtype), dtype_of(mc.param_dtype)
         norm = dict(kind=mc.norm, eps=mc.norm_eps, dtype=dtype, param_dtype=pdtype)
@@ -110,55 +199,39 @@ class DecoderLayer(nn.Module):
         h_btm = nn.Dropout(mc.dropout_rate)(h_btm, deterministic=not self.train)
         x_btm = x_btm + h_btm
         h_btm = Norm(name="pre_ffn_norm", **norm)(x_btm)
-        stats = {}
-        moe_cls, ffn_cls = MoE, GluFFN
+        wrap = lambda cls: cls  # noqa: E731
         if mc.remat_policy != "none" and mc.remat_scope == "ffn" and not self.decode:
             # Only the FFN is recomputed in the backward pass; attention keeps its residuals,
             # so the cuDNN forward kernel is not run twice.
             policy = REMAT_POLICIES[mc.remat_policy]
-            moe_cls = nn.remat(MoE, policy=policy, prevent_cse=False)
-            ffn_cls = nn.remat(GluFFN, policy=policy, prevent_cse=False)
-        if self.use_moe:
-            h_btm, stats = moe_cls(self.config, train=self.train, name="moe")(h_btm)
-        else:
-            h_btm = ffn_cls(
-                mlp_dim=mc.mlp_dim,
-                activation=mc.ffn_activation,
-                glu=mc.ffn_glu,
-                init_std=mc.init_std,
-                dropout_rate=mc.dropout_rate,
-                deterministic=not self.train,
-                dtype=dtype,
-                param_dtype=pdtype,
-                name="ffn",
-            )(h_btm)
+            wrap = lambda cls: nn.remat(cls, policy=policy, prevent_cse=False)  # noqa: E731
+        h_btm, stats = FFN_KINDS[self.ffn](self.config, self.train, wrap)(h_btm)
         h_btm = nn.Dropout(mc.dropout_rate)(h_btm, deterministic=not self.train)
         x_btm = constrain(x_btm + h_btm, ("batch", "length", "embed"))
         return x_btm, stats
 
 
 class Block(nn.Module):
-    """`moe.every` consecutive layers, the MoE one at `moe.moe_index_in_block`: the scan body."""
+    """One layer per FFN kind of `pattern` (GLaM: dense then MoE): the scan body of a segment."""
 
     config: Any
+    pattern: tuple[str, ...]
     train: bool = False
     decode: bool = False
 
     @nn.compact
     def __call__(self, x_btm, segment_ids_bt, positions_bt):
-        moe = self.config.moe
-        stats = {}
-        for i in range(moe.every):
-            use_moe = moe.num_experts > 0 and i == moe.moe_index_in_block
+        """x [B, S, M] -> (x, stats stacked over the block's MoE layers [n, ...] or {})."""
+        per_layer = []
+        for i, ffn in enumerate(self.pattern):
             x_btm, layer_stats = DecoderLayer(
-                self.config,
-                use_moe=use_moe,
-                train=self.train,
-                decode=self.decode,
-                name=f"layer_{i}",
+                self.config, ffn=ffn, train=self.train, decode=self.decode, name=f"layer_{i}"
             )(x_btm, segment_ids_bt, positions_bt)
-            stats.update(layer_stats)
-        return x_btm, stats
+            if layer_stats:
+                per_layer.append(layer_stats)
+        if not per_layer:
+            return x_btm, {}
+        return x_btm, jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
 
 
 class Transformer(nn.Module):
@@ -181,6 +254,7 @@ class Transformer(nn.Module):
         decode: bool = False,
         last_logits_only: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Token ids [B, S] -> (logits [B, S or 1, V], MoE losses summed and per-layer metrics)."""
         config = frozen(self.config)
         mc = config.model
         dtype, pdtype = dtype_of(mc.dtype), dtype_of(mc.param_dtype)
@@ -191,40 +265,22 @@ class Transformer(nn.Module):
         )
         x_btm = embed(inputs_bt)
 
-        block = Block
         if mc.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"model.remat_policy={mc.remat_policy!r} is not valid; "
                 f"valid: {sorted(REMAT_POLICIES)}."
             )
-        if mc.remat_policy != "none" and mc.remat_scope == "block" and not decode:
-            block = nn.remat(block, policy=REMAT_POLICIES[mc.remat_policy], prevent_cse=False)
-        num_blocks = mc.num_layers // config.moe.every
-        if mc.scan_layers:
-            scanned = nn.scan(
-                block,
-                # 'intermediates': MoE routing sown for glam_jax/analysis, stacked per block.
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0}
-                if decode
-                else {"params": 0, "intermediates": 0},
-                split_rngs={"params": True, "dropout": True, "routing": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                length=num_blocks,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x_btm, stats = scanned(config, train=train, decode=decode, name="blocks")(
+        stack = segments(config)
+        per_segment = []
+        for j, segment in enumerate(stack):
+            name = "blocks" if len(stack) == 1 else f"segment_{j}"
+            x_btm, seg_stats = self._segment(config, segment, name, train, decode)(
                 x_btm, segment_ids_bt, positions_bt
             )
-        else:
-            # One module per block (params blocks_0, blocks_1, ...): no per-iteration slicing
-            # of stacked weights and residuals, at a compile time that grows with depth.
-            per_block = []
-            for i in range(num_blocks):
-                x_btm, block_stats = block(config, train=train, decode=decode, name=f"blocks_{i}")(
-                    x_btm, segment_ids_bt, positions_bt
-                )
-                per_block.append(block_stats)
-            stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_block)  # as the scan stacks
+            per_segment.append(seg_stats)
+        stats = {}
+        if any(per_segment):  # [MoE layers, ...] in layer order
+            stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[st for st in per_segment if st])
         if last_logits_only:
             x_btm = x_btm[:, -1:]
         x_btm = Norm(mc.norm, mc.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(
@@ -245,6 +301,51 @@ class Transformer(nn.Module):
             logits_btv = jnp.einsum("btm,mv->btv", x_btm, w_mv.astype(dtype))
         logits_btv = constrain(logits_btv, ("batch", "length", "vocab"))
         return logits_btv, summarise_moe_stats(stats)
+
+    def _segment(self, config, segment: Segment, name: str, train: bool, decode: bool):
+        """The segment as one callable x -> (x, stats [MoE layers, ...]): one scan, or its
+        blocks one by one (`model.scan_layers=False`: params name_0, name_1, ...)."""
+        mc = config.model
+        block_cls = Block
+        if mc.remat_policy != "none" and mc.remat_scope == "block" and not decode:
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[mc.remat_policy], prevent_cse=False)
+        block = functools.partial(block_cls, config, segment.pattern, train=train, decode=decode)
+        if mc.scan_layers:
+            scanned = nn.scan(
+                block_cls,
+                # 'intermediates': MoE routing sown for glam_jax/analysis, stacked per block.
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0}
+                if decode
+                else {"params": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True, "routing": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=segment.repeats,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(config, segment.pattern, train=train, decode=decode, name=name)
+
+            def run(x_btm, segment_ids_bt, positions_bt):
+                x_btm, stats = scanned(x_btm, segment_ids_bt, positions_bt)
+                return x_btm, jax.tree.map(_merge_leading_axes, stats)
+
+            return run
+
+        def run_unrolled(x_btm, segment_ids_bt, positions_bt):
+            # One module per block: no per-iteration slicing of stacked weights and residuals,
+            # at a compile time that grows with depth.
+            per_block = []
+            for i in range(segment.repeats):
+                x_btm, block_stats = block(name=f"{name}_{i}")(x_btm, segment_ids_bt, positions_bt)
+                per_block.append(block_stats)
+            if not per_block[0]:
+                return x_btm, {}
+            return x_btm, jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_block)
+
+        return run_unrolled
+
+
+def _merge_leading_axes(x: jax.Array) -> jax.Array:
+    """[blocks, MoE layers per block, ...] -> [MoE layers, ...] in layer order."""
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
 def summarise_moe_stats(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -16,11 +16,23 @@ from ml_collections import config_flags
 
 from glam_jax import cli, flops
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+# Flags are defined only when run as a program, so importing this module (tests, notebooks)
+# never clashes with another module's `--config`.
+_FLAGS: dict = {}
+
+
+def _define_flags() -> dict:
+    """The command-line flags of this program."""
+    return dict(
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Model config file.", lock_config=False
+        ),
+        json=flags.DEFINE_bool("json", False, "Print one JSON object instead of a table."),
+    )
 
 
 def report(config) -> dict:
+    """The counts of `config` with their convention and, where known, the paper's figures."""
     counts = flops.count(config)
     out = dataclasses.asdict(counts)
     out["convention"] = (
@@ -52,9 +64,10 @@ def _fmt(n: float) -> str:
 
 
 def main(argv) -> None:
+    """Prints the report of --config (a table, or JSON with --json)."""
     del argv
-    out = report(_CONFIG.value)
-    if _JSON.value:
+    out = report(_FLAGS["config"].value)
+    if _FLAGS["json"].value:
         print(json.dumps(out))
         return
     paper = out.get("paper")
@@ -87,5 +100,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _FLAGS.update(_define_flags())
     flags.mark_flag_as_required("config")
     cli.run(main)

@@ -29,10 +29,12 @@ class PreemptionWatch:
         )
 
     def install(self) -> None:
+        """Catches SIGTERM from here on (one process; jax's service handles several)."""
         if not self._multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def uninstall(self) -> None:
+        """Gives SIGTERM back to the handler it had before `install()`."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None

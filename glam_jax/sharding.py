@@ -6,6 +6,10 @@ each lands on the 2-D (data x expert) mesh, with an optional third `model` axis 
 parallelism. GShard layout: the batch is split over data*expert, expert weights over `expert`
 (and their hidden width over `model`), and the stacked `layers` axis is never split, so device
 d holds the same expert indices in every layer.
+
+A config can override or extend the table (`mesh.axis_rules`, pairs of logical name and mesh
+axes): `axis_rules(config)` builds the table, `use_rules` makes it the active one for
+everything traced or laid out inside, and every lookup here reads the active table.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,6 +47,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("tokens", None),  # tokens inside one routing group
 )
 LOGICAL_AXES = frozenset(name for name, _ in LOGICAL_RULES)
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 class ShardingError(GlamError):
@@ -85,26 +90,72 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     return Mesh(grid, MESH_AXES)
 
 
+def axis_rules(config=None) -> Rules:
+    """LOGICAL_RULES with the config's `mesh.axis_rules` pairs replacing entries of the same
+    logical name or, for new names, added at the end."""
+    overrides = tuple(config.mesh.get("axis_rules", ()) or ()) if config is not None else ()
+    table = dict(LOGICAL_RULES)
+    for pair in overrides:
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise ShardingError(
+                f"mesh.axis_rules entry {pair!r} must be a (logical name, mesh axes) pair."
+            )
+        name, axes = pair[0], pair[1]
+        axes = tuple(axes) if isinstance(axes, list | tuple) else axes
+        for axis in (axes,) if isinstance(axes, str) or axes is None else axes:
+            if axis is not None and axis not in MESH_AXES:
+                raise ShardingError(
+                    f"mesh.axis_rules maps {name!r} to {axis!r}, which is not a mesh axis; "
+                    f"valid: {MESH_AXES} or None."
+                )
+        table[name] = axes
+    return tuple(table.items())
+
+
+def active_rules() -> Rules:
+    """The rule table in force: the one `use_rules`/`use_mesh` set, else LOGICAL_RULES."""
+    return tuple(nn.get_logical_axis_rules()) or LOGICAL_RULES
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+    """Makes `rules` (see axis_rules) the active table for everything inside."""
+    with nn.logical_axis_rules(rules):
+        yield
+
+
+def with_config_rules(fn: Callable) -> Callable:
+    """Decorates an entry point fn(config, ...) to run under the config's rule table."""
+
+    @functools.wraps(fn)
+    def run(config, *args, **kwargs):
+        with use_rules(axis_rules(config)):
+            return fn(config, *args, **kwargs)
+
+    return run
+
+
 def check_logical_axes(names: Sequence[str | None], where: str = "") -> None:
-    """Raises if a logical axis name is not in LOGICAL_RULES (catches typos at trace time)."""
+    """Raises if a logical axis name is not in the rule table (catches typos at trace time)."""
+    known = {name for name, _ in active_rules()}
     for name in names:
-        if name is not None and name not in LOGICAL_AXES:
+        if name is not None and name not in known:
             raise ShardingError(
                 f"unknown logical axis {name!r}{' in ' + where if where else ''}; "
-                f"valid names: {sorted(LOGICAL_AXES)}."
+                f"valid names: {sorted(known)}."
             )
 
 
 def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
-    """Maps logical axis names to a PartitionSpec through LOGICAL_RULES."""
+    """Maps logical axis names to a PartitionSpec through the active rule table."""
     check_logical_axes(names)
-    return nn.logical_to_mesh_axes(tuple(names), LOGICAL_RULES)
+    return nn.logical_to_mesh_axes(tuple(names), active_rules())
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh) -> Iterator[None]:
     """Context for tracing model code: logical constraints resolve via the table onto `mesh`."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(active_rules()):
         yield
 
 
@@ -114,7 +165,7 @@ def logical_specs(abstract_tree):
 
     def to_spec(spec):
         check_logical_axes(tuple(spec))
-        return nn.logical_to_mesh_axes(tuple(spec), LOGICAL_RULES)
+        return nn.logical_to_mesh_axes(tuple(spec), active_rules())
 
     return jax.tree.map(to_spec, logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
@@ -136,14 +187,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def mesh_axes_of(name: str) -> str | tuple[str, ...] | None:
+    """The mesh axis (or axes, or None) the logical axis `name` maps to under the rules."""
+    check_logical_axes((name,))
+    return nn.logical_to_mesh_axes((name,), active_rules())[0]
+
+
 def logical_axis_size(name: str) -> int:
     """Ways the logical axis `name` is split on the mesh being traced under (1 outside a mesh)."""
-    check_logical_axes((name,))
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    axes = nn.logical_to_mesh_axes((name,), LOGICAL_RULES)[0]
-    if axes is None:
+    axes = mesh_axes_of(name)
+    if mesh.empty or axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
@@ -164,96 +218,3 @@ def ways_on_mesh_shape(name: str, shape: Sequence[int]) -> int:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch axis is split (data x expert)."""
     return mesh.shape["data"] * mesh.shape["expert"]
-
-
-def expert_all_to_all(fn, x_egcm: jax.Array, experts):
-    """GShard expert parallelism with explicit all-to-alls around the expert computation.
-
-    x_egcm [E, G, C, M] arrives with its routing groups G split like the batch. Each device
-    sends the buffers of expert shard j to the devices of shard j (all-to-all over the mesh
-    axis of `expert`), runs its local experts on [E/n, G*n/.., C, M], sums partial products over
-    the axis of `mlp` when experts are tensor-parallel, and sends the results back.
-    `experts` is a dispatch.Experts whose weights are split as LOGICAL_RULES says.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    expert_axis = nn.logical_to_mesh_axes(("expert",), LOGICAL_RULES)[0]
-    if mesh.empty or mesh.shape[expert_axis] == 1:
-        return fn(x_egcm, experts)
-    mlp_axis = nn.logical_to_mesh_axes(("mlp",), LOGICAL_RULES)[0]
-    groups = logical_to_spec((None, "group", None, None))
-    specs = _expert_weight_specs(experts)
-
-    def body(x_local, experts_local):
-        experts_local = _salt_per_device(experts_local)
-        x_local = jax.lax.all_to_all(x_local, expert_axis, 0, 1, tiled=True)
-        y_local = fn(x_local, experts_local)
-        if mlp_axis is not None:  # partial sums over the hidden width (a no-op at size 1)
-            y_local = jax.lax.psum(y_local, mlp_axis)
-        return jax.lax.all_to_all(y_local, expert_axis, 1, 0, tiled=True)
-
-    return jax.shard_map(body, mesh=mesh, in_specs=(groups, specs), out_specs=groups)(
-        x_egcm, experts
-    )
-
-
-def per_shard_dropless(fn, x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts):
-    """Dropless MoE where every device routes and computes only its own routing groups.
-
-    fn(x, expert_index, weights, mask, experts) is the single-device dropless layer. Written
-    for the whole mesh, its global sort and gathers would make XLA's partitioner gather every
-    token onto every device and run all of them there (and a Pallas grouped-matmul kernel has
-    no partitioning rule at all). Dropless routing couples no tokens, so each device runs fn
-    on its groups, with the expert weights all-gathered over `expert` (their gradients are
-    reduce-scattered back) and partial outputs summed over the axis of `mlp` when experts are
-    tensor-parallel. Outside a mesh, or on one device, fn runs as is.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return fn(x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts)
-    expert_axis = nn.logical_to_mesh_axes(("expert",), LOGICAL_RULES)[0]
-    mlp_axis = nn.logical_to_mesh_axes(("mlp",), LOGICAL_RULES)[0]
-    groups = logical_to_spec(("group", None, None))
-    specs = _expert_weight_specs(experts)
-
-    gather_experts = mesh.shape[expert_axis] > 1
-    sum_hidden = mlp_axis is not None and mesh.shape[mlp_axis] > 1
-
-    def body(x, index, weights, mask, local):
-        local = _salt_per_device(local)
-        if gather_experts:
-            gather = lambda w: jax.lax.all_gather(w, expert_axis, axis=0, tiled=True)  # noqa: E731
-            local = local.replace(
-                wi_0=gather(local.wi_0),
-                wi_1=None if local.wi_1 is None else gather(local.wi_1),
-                wo=gather(local.wo),
-            )
-        y = fn(x, index, weights, mask, local)
-        return jax.lax.psum(y, mlp_axis) if sum_hidden else y
-
-    # check_vma off: the Pallas kernels fn may call carry no varying-axes rules.
-    return jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(groups, groups, groups, groups, specs),
-        out_specs=groups,
-        check_vma=False,
-    )(x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts)
-
-
-def _expert_weight_specs(experts):
-    """`experts` (a dispatch.Experts) with each weight replaced by its PartitionSpec."""
-    w_in = logical_to_spec(("expert", "embed", "mlp"))
-    return experts.replace(
-        wi_0=w_in,
-        wi_1=None if experts.wi_1 is None else w_in,
-        wo=logical_to_spec(("expert", "mlp", "embed")),
-    )
-
-
-def _salt_per_device(experts):
-    """Experts whose hidden_fn (expert dropout) draws its own mask on each device: inside a
-    shard_map every device would otherwise reuse one key, one mask pattern, for its rows."""
-    if experts.hidden_fn is None:
-        return experts
-    salt = jax.lax.axis_index(MESH_AXES)
-    return experts.replace(hidden_fn=functools.partial(experts.hidden_fn, salt=salt))

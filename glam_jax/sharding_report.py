@@ -16,12 +16,24 @@ from ml_collections import config_flags
 
 from glam_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=False)
-_MESH = flags.DEFINE_string("mesh", "1,1,1", "Mesh sizes data,expert,model.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+# Flags are defined only when run as a program, so importing this module (tests, notebooks)
+# never clashes with another module's `--config`.
+_FLAGS: dict = {}
+
+
+def _define_flags() -> dict:
+    """The command-line flags of this program."""
+    return dict(
+        config=config_flags.DEFINE_config_file(
+            "config", None, "Model config file.", lock_config=False
+        ),
+        mesh=flags.DEFINE_string("mesh", "1,1,1", "Mesh sizes data,expert,model."),
+        json=flags.DEFINE_bool("json", False, "Print one JSON object."),
+    )
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
+    """'2,4,1' -> (2, 4, 1), or a usage error in one sentence."""
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -32,8 +44,18 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 
 def report(config, mesh_shape) -> dict:
+    """The report of `config` on a mesh of `mesh_shape`, under the config's axis rules."""
+    from glam_jax import sharding
+
+    with sharding.use_rules(sharding.axis_rules(config)):
+        return _report(config, mesh_shape)
+
+
+def _report(config, mesh_shape) -> dict:
     """{'params': {path: spec}, 'expert_placement': {device: [[ids per layer], ...]}}."""
+    import flax.linen as nn
     import jax
+    from jax.sharding import PartitionSpec
 
     from glam_jax import config_checks, sharding, steps
 
@@ -53,19 +75,20 @@ def report(config, mesh_shape) -> dict:
     )[0]
     params = {jax.tree_util.keystr(p, simple=True, separator="/"): str(s) for p, s in flat_specs}
     placement = {}
-    stacked = config.model.scan_layers  # wi_0 is [layers, E, M, H]; unrolled: one [E, M, H] each
-    for path, spec in flat_specs:
-        key = jax.tree_util.keystr(path, simple=True, separator="/")
-        if "/moe/" in key and key.endswith("wi_0"):
-            leaf = nn_value(abstract, path)
-            shard = jax.sharding.NamedSharding(mesh, spec)
-            for device, index in shard.devices_indices_map(leaf.shape).items():
-                experts = index[1] if stacked else index[0]
-                ids = list(range(leaf.shape[1 if stacked else 0]))[experts]
-                layers = len(range(leaf.shape[0])[index[0]]) if stacked else 1
-                placement.setdefault(device.id, []).extend([ids] * layers)
-            if stacked:
-                break
+    logical = jax.tree_util.tree_flatten_with_path(
+        nn.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )[0]
+    for (path, spec), (_, names) in zip(flat_specs, logical, strict=True):
+        if path[-1].key != "wi_0" or "expert" not in tuple(names):
+            continue  # one expert weight per MoE layer (stack) is enough to show placement
+        names = tuple(names)
+        leaf = nn_value(abstract, path)  # scanned: [layers, E, M, H]; unrolled: [E, M, H]
+        axis, stacked = names.index("expert"), names[0] == "layers"
+        shard = jax.sharding.NamedSharding(mesh, spec)
+        for device, index in shard.devices_indices_map(leaf.shape).items():
+            ids = list(range(leaf.shape[axis]))[index[axis]]
+            layers = len(range(leaf.shape[0])[index[0]]) if stacked else 1
+            placement.setdefault(device.id, []).extend([ids] * layers)
     return {"mesh": list(mesh_shape), "params": params, "expert_placement": placement}
 
 
@@ -78,14 +101,15 @@ def nn_value(tree, path):
 
 
 def main(argv) -> None:
+    """Prints the report of --config on --mesh, simulating CPU devices if needed."""
     del argv
-    shape = parse_mesh(_MESH.value)
+    shape = parse_mesh(_FLAGS["mesh"].value)
     need = math.prod(shape)
     flags_env = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags_env:
         os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={need}"
-    out = report(_CONFIG.value, shape)
-    if _JSON.value:
+    out = report(_FLAGS["config"].value, shape)
+    if _FLAGS["json"].value:
         print(json.dumps(out))
         return
     print(f"mesh (data, expert, model) = {tuple(shape)}")
@@ -104,5 +128,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _FLAGS.update(_define_flags())
     flags.mark_flag_as_required("config")
     cli.run(main)

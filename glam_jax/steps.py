@@ -40,6 +40,7 @@ class TrainState:
 
 
 def build_model(config: ml_collections.ConfigDict) -> Transformer:
+    """The Transformer of `config` (frozen, so modules can hash it)."""
     return Transformer(frozen(config))
 
 

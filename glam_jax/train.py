@@ -116,6 +116,7 @@ def evaluate(eval_step, params, data, mesh, max_batches: int) -> dict[str, float
     }
 
 
+@sharding.with_config_rules
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, step: int | None = None, max_batches: int = 0
 ) -> dict[str, float]:
@@ -210,6 +211,39 @@ def make_workdir(workdir: str) -> None:
         raise GlamError(f"cannot create --workdir={workdir}: {err.strerror}.") from None
 
 
+def _progress_bar(tc: ml_collections.ConfigDict, start_step: int):
+    """A tqdm bar over the steps (train.progress_bar), or None."""
+    if not tc.progress_bar:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+
+def _evaluates_at(done: int, tc: ml_collections.ConfigDict) -> bool:
+    """Whether step `done` is evaluated: every train.eval_every steps and at the end."""
+    return bool(tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
+
+
+def _saves_at(done: int, tc: ml_collections.ConfigDict, preempted: bool) -> bool:
+    """Whether step `done` is saved: periodically, at the end and on preemption, never with
+    train.checkpoint_every=-1."""
+    if tc.checkpoint_every < 0:
+        return False
+    periodic = tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0
+    return periodic or done == tc.steps or preempted
+
+
+def _stop_preempted(done: int, tc: ml_collections.ConfigDict, ckpt, bar) -> None:
+    """Waits for the preemption save to reach the disk and says where the run stopped."""
+    ckpt.wait()
+    saved = f"saved step {done} to {ckpt.directory}; run the same command to resume"
+    if tc.checkpoint_every < 0:
+        saved = f"stopped at step {done} without saving (train.checkpoint_every=-1)"
+    say(f"Preempted (SIGTERM): {saved}.", bar)
+
+
+@sharding.with_config_rules
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, hooks: TrainHooks | None = None
 ) -> dict[str, float]:
@@ -242,11 +276,7 @@ def train_and_evaluate(
     eval_step = steps.make_eval_step(config, model, mesh, shardings.params)
     tokens_per_step = tc.batch_size * tc.seq_len
 
-    bar = None
-    if tc.progress_bar and primary:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    bar = _progress_bar(tc, start_step) if primary else None
     last_eval: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
     watch = preemption.PreemptionWatch()
@@ -268,7 +298,7 @@ def train_and_evaluate(
                 window_start, window_steps = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
-            is_eval = (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps
+            is_eval = _evaluates_at(done, tc)
             if is_eval:
                 last_eval = evaluate(eval_step, state.params, data, mesh, tc.eval_batches)
                 writer.write(done, last_eval)
@@ -279,10 +309,8 @@ def train_and_evaluate(
                     bar,
                 )
                 window_start = time.perf_counter()  # eval time is not training throughput
-            periodic = tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0
-            periodic = periodic or (done == tc.steps and tc.checkpoint_every >= 0)
             preempted = watch.reached(done, ckpt.manager)
-            if periodic or (preempted and tc.checkpoint_every >= 0):  # -1: never save
+            if _saves_at(done, tc, preempted):
                 streak = int(jax.device_get(state.nonfinite_streak))
                 _check_streak(streak, done, tc.max_nonfinite_steps, ckpt)
                 ckpt.save(
@@ -292,11 +320,7 @@ def train_and_evaluate(
                     metrics={"eval_loss": last_eval["eval_loss"]} if is_eval else None,
                 )
             if preempted and done < tc.steps:
-                ckpt.wait()
-                saved = f"saved step {done} to {ckpt.directory}; run the same command to resume"
-                if tc.checkpoint_every < 0:
-                    saved = f"stopped at step {done} without saving (train.checkpoint_every=-1)"
-                say(f"Preempted (SIGTERM): {saved}.", bar)
+                _stop_preempted(done, tc, ckpt, bar)
                 break
         if start_step >= tc.steps:  # nothing left to train: report the checkpoint's eval
             say(f"Already trained to step {start_step} (train.steps={tc.steps}).")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glam_jax import checkpoint, optim, routing, sharding, steps
+from glam_jax import checkpoint, optim, sharding, steps
 from glam_jax.analysis import (
     AnalysisError,
     RoutingCollector,
@@ -34,6 +34,7 @@ from glam_jax.analysis.token_classes import TokenClassifier, token_words
 from glam_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from glam_jax.model import cast_for_compute
 from glam_jax.moe import MoE
+from glam_jax.moe import routers as routing
 from tests.helpers import ROOT, random_batch, tiny_config
 
 FIXTURE = os.path.join(ROOT, "tests", "testdata", "hf_mixtral_tiny")

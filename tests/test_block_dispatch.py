@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glam_jax import dispatch
 from glam_jax.kernels import block_grouped_matmul as bg
+from glam_jax.moe import dispatch
 from tests.test_dispatch import close, fast_jit
 
 B = bg.BLOCK_ROWS
@@ -236,11 +236,22 @@ def test_auto_prefers_blocked_then_mgpu_then_xla(monkeypatch):
         wi_1=None,
         wo=jnp.zeros((4, 512, 256), jnp.bfloat16),
     )
-    registered = []
-    monkeypatch.setattr(grouped_matmul, "register", lambda: registered.append(True))
     cases = [(None, None, "blocked"), ("no", None, "mgpu"), ("no", "no", "xla")]
     for blocked_reason, mgpu_reason, want in cases:
         monkeypatch.setattr(bg, "unsupported_reason", lambda w=None, r=blocked_reason: r)
         monkeypatch.setattr(grouped_matmul, "unsupported_reason", lambda w=None, r=mgpu_reason: r)
         assert dispatch.resolve_ragged_matmul("auto", experts) == want
-    assert registered == [True]  # only choosing 'mgpu' registers jax's kernels
+
+
+def test_grouped_matmul_table_is_fixed_and_kernels_import_no_moe_code():
+    """Every moe.ragged_matmul choice has its entry from the start (no registration by the
+    kernels, so 'mgpu' never needs an earlier resolve call), and kernels/ imports no MoE code."""
+    import ast
+    import pathlib
+
+    assert set(dispatch.GROUPED_MATMULS) == set(dispatch.RAGGED_MATMUL_CHOICES) - {"auto"}
+    for path in pathlib.Path(bg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not any(n.startswith("glam_jax.moe") for n in names), (path, names)

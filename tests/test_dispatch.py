@@ -1,4 +1,4 @@
-"""The three dispatch paths of `glam_jax.dispatch` compute the same layer (moe.md §2).
+"""The dispatch paths of `glam_jax.moe.dispatch` compute one layer (docs/moe_reference.md 2).
 
 Function-level tests compare each path with a per-token numpy loop (capacity in priority
 order: all first choices in token order, then all second choices). Module-level tests check
@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glam_jax import dispatch, routing
-from glam_jax.moe import MoE
+from glam_jax.moe import MoE, dispatch
+from glam_jax.moe import capacity as capacity_lib
+from glam_jax.moe import routers as routing
 from tests.helpers import exact_moe_config
 
 M, H = 16, 32  # model and expert hidden width of every test here
@@ -115,7 +116,7 @@ def fast_jit(fn, *args):
 
 
 def assign_slots(idx, mask, num_experts, capacity):
-    fn = lambda i, m: dispatch.assign_slots(i, m, num_experts, capacity)  # noqa: E731
+    fn = lambda i, m: capacity_lib.assign_slots(i, m, num_experts, capacity)  # noqa: E731
     pos, kept = fast_jit(fn, jnp.asarray(idx), jnp.asarray(mask))
     return np.asarray(pos), np.asarray(kept)
 
@@ -149,15 +150,15 @@ def close(a, b, rtol=1e-5, atol=1e-5):
 )
 def test_expert_capacity_hand_values(t, e, k, cf, convention, min_cap, expected):
     """gshard: ceil(k*T/E*cf); praxis: ceil(T*cf/E) up to a multiple of 4; >= min, <= T."""
-    assert dispatch.expert_capacity(t, e, k, cf, convention, min_cap) == expected
+    assert capacity_lib.expert_capacity(t, e, k, cf, convention, min_cap) == expected
 
 
 def test_expert_capacity_rejects_bad_arguments():
     """Unknown convention and non-positive capacity factor are ValueErrors."""
     with pytest.raises(ValueError, match="capacity_convention"):
-        dispatch.expert_capacity(16, 4, 2, 1.0, "mesh")
+        capacity_lib.expert_capacity(16, 4, 2, 1.0, "mesh")
     with pytest.raises(ValueError, match="capacity factor"):
-        dispatch.expert_capacity(16, 4, 2, 0.0)
+        capacity_lib.expert_capacity(16, 4, 2, 0.0)
 
 
 def test_assign_slots_priority_hand_example():
@@ -403,7 +404,7 @@ def test_small_capacity_einsum_and_sort_drop_the_same_tokens(router, k, train):
     cf = 0.75 if k == 2 else 0.6  # C = ceil(k*16/4*cf) = 6 (k=2) or 4 (min_capacity, k=1)
     cfg0 = make_config(router, "einsum", k=k, cf=cf, **extra)
     params = init_params(cfg0, x)
-    cap = dispatch.expert_capacity(t, e, k, cf, "gshard", 4)
+    cap = capacity_lib.expert_capacity(t, e, k, cf, "gshard", 4)
     # routing decisions of the router on the module's logits (random routing/noise are off)
     logits = jnp.einsum("gtm,me->gte", x.reshape(2, t, M), params["router"])
     route = {

@@ -77,8 +77,8 @@ def test_grouped_matmul_kernel_matches_ragged_dot_with_gradients():
 
 
 def test_auto_grouped_matmul_uses_the_kernel_only_where_it_fits():
-    from glam_jax import dispatch
     from glam_jax.kernels import grouped_matmul as gmm
+    from glam_jax.moe import dispatch
 
     if not gmm.available():
         pytest.skip("needs a Hopper (sm_90+) GPU for the Mosaic-GPU kernels")

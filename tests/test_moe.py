@@ -1,4 +1,4 @@
-"""`glam_jax.moe.MoE` against a naive per-token numpy loop (moe.md §1, §2, §4).
+"""`glam_jax.moe.MoE` against a naive per-token numpy loop (docs/moe_reference.md 1, 2).
 
 The reference takes the module's own parameter arrays and, per routing group: router logits
 x @ W_router, softmax, top-k, capacity C = min(max(ceil(k*T/E*cf), min_capacity), T) with
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from configs import glam_tiny
-from glam_jax import routing
 from glam_jax.model import frozen
 from glam_jax.moe import MoE
+from glam_jax.moe import routers as routing
 from tests.helpers import exact_moe_config
 
 B, S, M, H, E, GROUP = 2, 32, 16, 32, 4, 32  # two routing groups of 32 tokens

@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from glam_jax import config_checks, optim, routing, sharding, steps
+from glam_jax import config_checks, optim, sharding, steps
 from glam_jax.data import create_datasets
-from glam_jax.dispatch import DISPATCHES
+from glam_jax.moe import routers as routing
+from glam_jax.moe.dispatch import DISPATCHES
 from tests.helpers import tiny_config
 
 COMBOS = list(itertools.product(routing.ROUTERS, DISPATCHES))

@@ -1,4 +1,4 @@
-"""Every router of `glam_jax.routing` against an independent numpy reference (moe.md §1, §4).
+"""Every router of `glam_jax.moe.routers` against a numpy reference (docs/moe_reference.md 1).
 
 The references below are written from the papers' formulas with explicit per-token loops in
 float64; the library computes in float32, hence the 1e-5-ish tolerances. Logits are drawn so
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glam_jax import routing
+from glam_jax.moe import routers as routing
 
 # Jitted with XLA's CPU backend optimisation off: the same maths, compiled several times faster.
 FAST = {"xla_backend_optimization_level": 0}

@@ -158,3 +158,25 @@ def test_explicit_all_to_all_exchange_equals_the_partitioner(mesh_shape, dispatc
     counts = _collectives(mesh_shape, expert_exchange="all_to_all", dispatch=dispatch)
     assert counts["all-to-all"] == 4  # dispatch and combine, forward and backward
     assert counts["all-gather"] == 0
+
+
+def test_config_axis_rules_override_the_table():
+    """mesh.axis_rules replaces a logical axis' mesh axes for everything laid out under it
+    (here: the vocabulary no longer split over `model`); a bad mesh axis is one sentence."""
+    config = tiny_config()
+    mesh = sharding.make_mesh((1, 1, 2), jax.devices()[:2])
+    model = steps.build_model(config)
+    tx = optim.make_optimizer(config.train)
+
+    def embedding_spec():
+        with sharding.use_rules(sharding.axis_rules(config)):
+            _, shardings = steps.abstract_state(config, model, tx, mesh)
+        return shardings.params["embed"]["embedding"].spec
+
+    assert embedding_spec() == jax.sharding.PartitionSpec("model", None)
+    config.mesh.axis_rules = (("vocab", None),)
+    assert embedding_spec() == jax.sharding.PartitionSpec(None, None)
+    assert sharding.logical_to_spec(("vocab",)) == jax.sharding.PartitionSpec("model")  # outside
+    config.mesh.axis_rules = (("vocab", "tensor"),)
+    with pytest.raises(sharding.ShardingError, match="'tensor', which is not a mesh axis"):
+        sharding.axis_rules(config)

@@ -101,6 +101,7 @@ class RoutingCollector:
         )
 
     def __call__(self, params: Any, tokens_bs, segment_ids_bs, positions_bs):
+        """One batch through the jitted forward; returns the routing the MoE layers sowed."""
         inputs = (
             jax.device_put(np.asarray(a, np.int32), self._batch_sharding)
             for a in (tokens_bs, segment_ids_bs, positions_bs)

@@ -27,6 +27,7 @@ def write_report(summary: dict, out_dir: str, title: str = "Routing analysis") -
 
 
 def write_figures(summary: dict, out_dir: str) -> list[str]:
+    """Plots of the summary into out_dir; returns the files written (none without matplotlib)."""
     try:
         import matplotlib
 

@@ -104,6 +104,7 @@ def topk_chance(set_counts: dict[tuple[int, ...], int]) -> float:
 
 
 def uniform_top1_chance(num_experts: int) -> float:
+    """Chance that two uniform top-1 choices agree."""
     return 1.0 / num_experts
 
 
@@ -190,10 +191,12 @@ class RoutingStats:
     # ---- results ---------------------------------------------------------------------------
     @property
     def top1_lde(self) -> np.ndarray:
+        """Top-1 counts per [layer, domain, expert] (classes summed)."""
         return self.top1_ldce.sum(2)
 
     @property
     def top1_lce(self) -> np.ndarray:
+        """Top-1 counts per [layer, class, expert] (domains summed)."""
         return self.top1_ldce.sum(1)
 
     def repeat_rates(self) -> dict[str, list]:

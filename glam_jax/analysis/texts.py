@@ -22,6 +22,8 @@ from glam_jax.analysis.token_classes import TokenClassifier
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
+    """A named text domain and the files that hold it."""
+
     name: str
     files: tuple[str, ...]
 

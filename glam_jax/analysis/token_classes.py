@@ -161,6 +161,7 @@ class TokenClassifier:
         self._cache: dict[tuple[str, str], int] = {}
 
     def classify(self, text: str, word: str) -> int:
+        """Index of the first class matching the piece `text` inside `word` (last: 'other')."""
         key = (text, word)
         if key not in self._cache:
             found = (i for i, c in enumerate(self.classes) if c.matches(text, word))

@@ -169,6 +169,7 @@ class DocumentTokenizer:
         self._piece_chars = tokenizer_lib.piece_char_counts(tokenizer)
 
     def __call__(self, text: str) -> Batch:
+        """One document's text -> its token ids, shifted targets and per-target char counts."""
         return self.many([text])[0]
 
     def many(self, texts: list[str], threads: int = 1) -> list[Batch]:

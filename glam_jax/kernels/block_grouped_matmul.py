@@ -466,6 +466,22 @@ def glu_input_grad(
     )
 
 
+def _check_weight_grad_shapes(x_rk, dys, tiles: Tiles, cta_n: int) -> None:
+    """expert_weight_grad's operands fit each other and its tiles, or a ValueError says why."""
+    r, k = x_rk.shape
+    n = dys[0].shape[1]
+    for dy in dys:
+        _require_16bit("expert_weight_grad", x_rk, dy)
+    if any(dy.shape != (r, n) for dy in dys):
+        raise ValueError(
+            f"expert_weight_grad: dy {[d.shape for d in dys]} do not fit x {x_rk.shape}."
+        )
+    if k % BLOCK_ROWS or n % (cta_n * tiles.cluster) or BLOCK_ROWS % tiles.tile_k:
+        raise ValueError(
+            f"expert_weight_grad: x {x_rk.shape}, dy {dys[0].shape} do not fit tiles {tiles}."
+        )
+
+
 def expert_weight_grad(
     x_rk: jax.Array,
     dy_rn: jax.Array | tuple[jax.Array, jax.Array],
@@ -489,23 +505,14 @@ def expert_weight_grad(
     dys = tuple(dy_rn) if isinstance(dy_rn, tuple | list) else (dy_rn,)
     pair = len(dys) == 2
     r, k = x_rk.shape
-    r2, n = dys[0].shape
+    n = dys[0].shape[1]
     g = expert_start_g.shape[0]
     bm, bk = BLOCK_ROWS, tiles.tile_k
     # A pair: each consumer warpgroup takes half of the dw rows and all GLU_UNITS columns of
     # both; otherwise all rows and half of the 2 x tile_n columns.
     cta_n = GLU_UNITS if pair else 2 * tiles.tile_n
     acc_shape = (WG_ROWS, cta_n) if pair else (bm, tiles.tile_n)
-    for dy in dys:
-        _require_16bit("expert_weight_grad", x_rk, dy)
-    if any(dy.shape != (r, n) for dy in dys) or r != r2:
-        raise ValueError(
-            f"expert_weight_grad: dy {[d.shape for d in dys]} do not fit x {x_rk.shape}."
-        )
-    if k % bm or n % (cta_n * tiles.cluster) or BLOCK_ROWS % bk:
-        raise ValueError(
-            f"expert_weight_grad: x {x_rk.shape}, dy {dys[0].shape} do not fit tiles {tiles}."
-        )
+    _check_weight_grad_shapes(x_rk, dys, tiles, cta_n)
     dtype = x_rk.dtype
     in_transforms = _transforms(bk, dtype)
     out_transforms = _transforms(tiles.epi_tile_n, dtype)
@@ -605,6 +612,7 @@ class BlockLayout:
 
     @property
     def rows(self) -> int:
+        """R, the rows of the padded buffer."""
         return self.row_pair.shape[0]
 
     @property

@@ -5,12 +5,10 @@ them by w[g]. Forward and the input gradient use jax's Pallas Mosaic-GPU `ragged
 (the latter with the weights transposed in-kernel); the weight gradient uses its
 `transposed_ragged_dot` kernel (x_g^T dy_g per group). `jax.lax.ragged_dot` computes the same
 thing everywhere else, but XLA lowers it to a dense masked matmul on GPU (out of memory at
-GLaM shapes: reference/moe.md section 6).
+GLaM shapes: docs/moe_reference.md section 6).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -95,14 +93,3 @@ def _backward(residuals, dy_nm):
 
 
 grouped_matmul.defvjp(_forward, _backward)
-
-
-@functools.cache
-def register() -> bool:
-    """Adds 'mgpu' to the dropless dispatch's grouped-matmul table where it can run."""
-    from glam_jax import dispatch
-
-    if not available():
-        return False
-    dispatch.RAGGED_MATMULS["mgpu"] = grouped_matmul
-    return True

@@ -1,23 +1,30 @@
-"""Routers of the MoE literature as pure functions of float32 router logits.
+"""Routers of the MoE literature as pure functions of float32 router logits, and their registry.
 
 Token-choice routers return a `Routing`: for each token, k expert choices in priority order
 with their combine weights and whether each is dispatched at all (GShard's random second
-expert). Capacity is *not* applied here: `glam_jax.dispatch` does that, once, for every path.
-Expert choice (each expert picks tokens) returns an `ExpertChoiceRouting` instead.
+expert). Capacity is *not* applied here: `glam_jax.moe.capacity` does that, once, for every
+path. Expert choice (each expert picks tokens) returns an `ExpertChoiceRouting` instead.
+
+`ROUTERS` maps each `moe.router` name to a `RouterSpec`; the MoE layer, the config checks,
+decoding and the tests all read it, so a new router is one function and one entry.
 
 Shapes: G routing groups, T tokens per group, E experts, k choices per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax.scipy.stats import norm
 
-ROUTERS = ("gshard_top2", "switch_top1", "topk_softmax", "noisy_topk", "expert_choice")
-# Routers whose k is fixed by the algorithm.
-FIXED_K = {"gshard_top2": 2, "switch_top1": 1}
+from glam_jax.moe.capacity import MoEError
+
 SECOND_EXPERT_POLICIES = ("random", "all")  # gshard_top2: sample the 2nd expert, or always send
 
 
@@ -44,6 +51,8 @@ class ExpertChoiceRouting:
     probs: jax.Array  # [G, T, E] float32
     aux_loss: jax.Array  # scalar (reported; balanced by construction)
     z_loss: jax.Array  # scalar
+    importance_loss: jax.Array  # scalar, always 0 (Shazeer's losses are for noisy_topk)
+    load_loss: jax.Array  # scalar, always 0
 
 
 def load_balancing_loss(probs_gte: jax.Array, first_choice_gt: jax.Array) -> jax.Array:
@@ -64,10 +73,12 @@ def router_z_loss(logits_gte: jax.Array) -> jax.Array:
 
 
 def _gather_e(x_gte: jax.Array, idx_gtk: jax.Array) -> jax.Array:
+    """x[g, t, idx[g, t, j]] -> [G, T, k]."""
     return jnp.take_along_axis(x_gte, idx_gtk, axis=-1)
 
 
 def _common(logits_gte, probs_gte, first_gt):
+    """The probabilities and losses every token-choice router reports the same way."""
     return dict(
         probs=probs_gte,
         aux_loss=load_balancing_loss(probs_gte, first_gt),
@@ -195,4 +206,96 @@ def expert_choice(logits_gte: jax.Array, capacity: int) -> ExpertChoiceRouting:
         probs=probs,
         aux_loss=load_balancing_loss(probs, jnp.argmax(probs, axis=-1)),
         z_loss=router_z_loss(logits_gte),
+        importance_loss=jnp.zeros((), jnp.float32),
+        load_loss=jnp.zeros((), jnp.float32),
     )
+
+
+# ---- registry ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RouterInputs:
+    """Everything a registered router may read, so every entry has one signature."""
+
+    logits_gte: jax.Array  # float32 router logits x W_router
+    x_gtm: jax.Array  # float32 router input (after jitter)
+    params: Mapping[str, jax.Array]  # the extra [M, E] matrices its RouterSpec.params names
+    num_selected: int  # moe.num_selected (k)
+    capacity: int  # slots per expert and group (expert choice fills exactly these)
+    rng: jax.Array | None  # routing randomness, training only
+    train: bool
+    options: Any  # the config's `moe` section, for router-specific knobs
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterParam:
+    """An extra float32 [M, E] router matrix with axes (embed, None), created by the layer."""
+
+    name: str
+    init: Callable = nn.initializers.zeros
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+    """One router: its function and the facts the layer and the config checks need."""
+
+    fn: Callable[[RouterInputs], Routing | ExpertChoiceRouting]
+    fixed_k: int | None = None  # k the algorithm fixes (config checks compare moe.num_selected)
+    causal: bool = True  # False: a token's experts depend on later tokens (cannot decode)
+    params: tuple[RouterParam, ...] = ()  # extra parameters beside the router matrix
+    # Router-specific config rule: check(moe config) -> None, or the one-sentence complaint.
+    check: Callable[[Any], str | None] = lambda moe: None
+
+
+def _route_gshard_top2(r: RouterInputs) -> Routing:
+    """gshard_top2 with moe.second_expert_policy."""
+    policy = r.options.second_expert_policy
+    return gshard_top2(r.logits_gte, rng=r.rng, train=r.train, second_expert_policy=policy)
+
+
+def _route_noisy_topk(r: RouterInputs) -> Routing:
+    """noisy_topk with the learned noise scale softplus(x W_noise) (zero if noisy_gating off)."""
+    noise_std_gte = jax.nn.softplus(jnp.einsum("gtm,me->gte", r.x_gtm, r.params["router_noise"]))
+    if not r.options.noisy_gating:
+        noise_std_gte = jnp.zeros_like(noise_std_gte)
+    return noisy_topk(r.logits_gte, noise_std_gte, r.num_selected, rng=r.rng, train=r.train)
+
+
+def _check_noisy_topk(moe) -> str | None:
+    """noisy_topk's load loss needs a (k+1)-th expert to compare with."""
+    if moe.num_selected >= moe.num_experts:
+        return (
+            f"moe.router='noisy_topk' needs moe.num_selected < moe.num_experts, got "
+            f"{moe.num_selected} and {moe.num_experts}."
+        )
+    return None
+
+
+def _check_expert_choice(moe) -> str | None:
+    """Expert choice fills fixed-size expert buffers: only the capacity paths apply."""
+    if moe.dispatch == "dropless":
+        return (
+            "moe.router='expert_choice' fixes each expert's capacity, so moe.dispatch='dropless' "
+            "does not apply; use 'einsum' or 'sort'."
+        )
+    return None
+
+
+# moe.router -> RouterSpec: the one place a router is registered.
+ROUTERS: dict[str, RouterSpec] = {
+    "gshard_top2": RouterSpec(_route_gshard_top2, fixed_k=2),
+    "switch_top1": RouterSpec(lambda r: switch_top1(r.logits_gte), fixed_k=1),
+    "topk_softmax": RouterSpec(lambda r: topk_softmax(r.logits_gte, r.num_selected)),
+    "noisy_topk": RouterSpec(
+        _route_noisy_topk, params=(RouterParam("router_noise"),), check=_check_noisy_topk
+    ),
+    "expert_choice": RouterSpec(
+        lambda r: expert_choice(r.logits_gte, r.capacity), causal=False, check=_check_expert_choice
+    ),
+}
+
+
+def get_router(name: str) -> RouterSpec:
+    """The RouterSpec registered as `name`, or one sentence naming the valid ones."""
+    if name not in ROUTERS:
+        raise MoEError(f"moe.router={name!r} is not valid; valid: {tuple(ROUTERS)}.")
+    return ROUTERS[name]

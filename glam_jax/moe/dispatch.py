@@ -1,5 +1,9 @@
 """Three ways to send tokens to experts and back; all compute the same MoE layer.
 
+`dispatch` is the one entry the layer calls: it picks the path of `moe.dispatch` for the kind
+of routing it is given and reports the expert load and the dropped fraction the same way for
+every path.
+
 - `einsum`: GShard one-hot dispatch/combine tensors [G, T, E, C]; simple, shards cleanly,
   O(T*E*C) memory per group.
 - `sort`: a slot->token table built from the same slot assignment, then gathers into
@@ -7,75 +11,27 @@
 - `dropless`: no capacity; token-expert pairs sorted by expert through a grouped matmul
   (`jax.lax.ragged_dot`, or on Hopper GPUs our block-aligned kernels or jax's ragged ones).
 
-Capacity and priority (first choices before second choices, then token order) are decided in
-one place, `assign_slots`, used by both capacity paths, so they drop exactly the same tokens.
+Capacity and priority are decided in one place, `capacity.assign_slots`, used by both
+capacity paths, so they drop exactly the same tokens.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
+import types
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from glam_jax import sharding
 from glam_jax.layers import activation_fn, constrain
+from glam_jax.moe import exchange
+from glam_jax.moe.capacity import assign_slots
+from glam_jax.moe.routers import ExpertChoiceRouting, Routing
 
 DISPATCHES = ("einsum", "sort", "dropless")
-CAPACITY_CONVENTIONS = ("gshard", "praxis")
-
-
-def expert_capacity(
-    tokens_per_group: int,
-    num_experts: int,
-    num_selected: int,
-    capacity_factor: float,
-    convention: str = "gshard",
-    min_capacity: int = 4,
-) -> int:
-    """Slots per expert and group.
-
-    'gshard' (the GShard paper): ceil(k*T/E*cf). 'praxis' (Praxis top2_gating_on_logits):
-    ceil(T*cf/E) rounded up to a multiple of 4, with no factor k. Never more than T.
-    """
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity factor must be > 0, got {capacity_factor}.")
-    if convention == "gshard":
-        cap = math.ceil(num_selected * tokens_per_group / num_experts * capacity_factor)
-    elif convention == "praxis":
-        cap = math.ceil(tokens_per_group * capacity_factor / num_experts)
-        cap = 4 * math.ceil(cap / 4)
-    else:
-        raise ValueError(
-            f"moe.capacity_convention={convention!r} is not valid; valid: {CAPACITY_CONVENTIONS}."
-        )
-    return int(min(max(cap, min_capacity), tokens_per_group))
-
-
-def assign_slots(
-    expert_index_gtk: jax.Array, dispatch_mask_gtk: jax.Array, num_experts: int, capacity: int
-) -> tuple[jax.Array, jax.Array]:
-    """Buffer position of every (token, choice) in its expert, and whether it fits.
-
-    Priority: all first choices of a group in token order, then all second choices, ... .
-    Computed by a stable sort of the choices by expert (O(T*k log T*k), no [T, E] one-hots).
-    Returns position [G, T, k] int32 and kept [G, T, k] bool (dispatched and position < C).
-    """
-    g, t, k = expert_index_gtk.shape
-    # Slot-major order: choice 0 of tokens 0..T-1, then choice 1 of tokens 0..T-1, ...
-    e_gn = jnp.swapaxes(expert_index_gtk, 1, 2).reshape(g, k * t)
-    m_gn = jnp.swapaxes(dispatch_mask_gtk, 1, 2).reshape(g, k * t)
-    key_gn = jnp.where(m_gn, e_gn, num_experts)  # undispatched choices sort last
-    order_gn = jnp.argsort(key_gn, axis=-1, stable=True)
-    sorted_key_gn = jnp.take_along_axis(key_gn, order_gn, axis=-1)
-    starts_ge = jax.vmap(lambda s: jnp.searchsorted(s, jnp.arange(num_experts + 1)))(sorted_key_gn)
-    rank_sorted_gn = jnp.arange(k * t)[None] - jnp.take_along_axis(starts_ge, sorted_key_gn, -1)
-    rank_gn = jax.vmap(lambda o, r: jnp.zeros_like(r).at[o].set(r))(order_gn, rank_sorted_gn)
-    position_gtk = jnp.swapaxes(rank_gn.reshape(g, k, t), 1, 2).astype(jnp.int32)
-    kept_gtk = dispatch_mask_gtk & (position_gtk < capacity)
-    return position_gtk, kept_gtk
 
 
 @struct.dataclass
@@ -92,6 +48,7 @@ class Experts:
 
     @property
     def num_experts(self) -> int:
+        """E."""
         return self.wi_0.shape[0]
 
     def batched(self, x_egcm: jax.Array, constrain_hidden: bool = True) -> jax.Array:
@@ -126,7 +83,7 @@ class Experts:
 EGCM = ("expert", "expert_group", "capacity", "embed")
 # How dispatched buffers reach the devices holding their experts (capacity paths):
 # 'gspmd' lets XLA's partitioner choose the collectives from the sharding constraints;
-# 'all_to_all' exchanges them explicitly, GShard style (glam_jax.sharding.expert_all_to_all).
+# 'all_to_all' exchanges them explicitly, GShard style (glam_jax.moe.exchange.expert_all_to_all).
 EXCHANGES = ("gspmd", "all_to_all")
 
 
@@ -134,7 +91,7 @@ def run_experts(x_egcm: jax.Array, experts: Experts) -> jax.Array:
     """Dispatched buffers [E, G, C, M] through their experts, on whichever devices hold them."""
     if experts.exchange == "all_to_all":
         x_egcm = constrain(x_egcm, (None, "group", "capacity", "embed"))
-        return sharding.expert_all_to_all(
+        return exchange.expert_all_to_all(
             lambda x, ex: ex.batched(x, constrain_hidden=False), x_egcm, experts
         )
     if experts.exchange != "gspmd":
@@ -146,14 +103,57 @@ def run_experts(x_egcm: jax.Array, experts: Experts) -> jax.Array:
 
 
 def _xla_ragged_dot(x_nm, w_emh, group_sizes_e):
+    """XLA's grouped matmul (everywhere; a dense masked dot on GPUs)."""
     return jax.lax.ragged_dot(x_nm, w_emh, group_sizes_e.astype(jnp.int32))
 
 
-# Grouped-GEMM implementations by name; GPU kernels register themselves here.
-RAGGED_MATMULS: dict[str, Callable] = {"xla": _xla_ragged_dot}
-# 'blocked': our Hopper kernels over expert groups padded to whole row tiles (fastest);
-# 'mgpu': jax's Mosaic-GPU ragged kernels over unpadded groups; 'xla': jax.lax.ragged_dot.
-RAGGED_MATMUL_CHOICES = ("auto", "xla", "mgpu", "blocked")
+def _mgpu_ragged_dot(x_nm, w_emh, group_sizes_e):
+    """jax's Mosaic-GPU ragged kernels with our VJP (Hopper GPUs)."""
+    from glam_jax.kernels.grouped_matmul import grouped_matmul
+
+    return grouped_matmul(x_nm, w_emh, group_sizes_e)
+
+
+def _dropless_blocked_kernels(x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts, fused_glu):
+    """Dropless through our block-aligned Hopper kernels (fused gated FFN if asked)."""
+    from glam_jax.kernels import block_grouped_matmul as bg
+
+    glu = bg.glu_block_matmul if fused_glu else None
+    return dropless_blocked_dispatch(
+        x_gtm, expert_index_gtk, weights_gtk, mask_gtk, experts, bg.block_matmul, glu
+    )
+
+
+def _dropless_sorted(
+    x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts, fused_glu, *, ragged_dot
+):
+    """Pairs sorted by expert (unpadded groups) through ragged_dot(x, w, group_sizes)."""
+    del fused_glu  # only the blocked kernels fuse the gated FFN
+    g, t, m = x_gtm.shape
+    e, k = experts.num_experts, expert_index_gtk.shape[-1]
+    x_nm = x_gtm.reshape(g * t, m)
+    e_p = expert_index_gtk.reshape(-1)
+    order_p = jnp.argsort(e_p, stable=True)
+    xs_pm = jnp.take(x_nm, order_p // k, axis=0)
+    group_sizes_e = jnp.bincount(e_p, length=e)
+    ys_pm = experts.ragged(xs_pm, lambda x, w: ragged_dot(x, w, group_sizes_e))
+    y_pm = jnp.zeros_like(ys_pm).at[order_p].set(ys_pm)
+    return _combine_pairs(y_pm, weights_gtk, dispatch_mask_gtk)
+
+
+# The grouped-matmul implementations of the dropless path, by moe.ragged_matmul name: one fixed
+# table (the kernels know nothing of it). Each runs (x, expert_index, weights, mask, experts,
+# fused_glu) on one device's groups. 'blocked': our Hopper kernels over expert groups padded to
+# whole row tiles (fastest); 'mgpu': jax's Mosaic-GPU ragged kernels over unpadded groups;
+# 'xla': jax.lax.ragged_dot.
+GROUPED_MATMULS = types.MappingProxyType(
+    {
+        "xla": functools.partial(_dropless_sorted, ragged_dot=_xla_ragged_dot),
+        "mgpu": functools.partial(_dropless_sorted, ragged_dot=_mgpu_ragged_dot),
+        "blocked": _dropless_blocked_kernels,
+    }
+)
+RAGGED_MATMUL_CHOICES = ("auto", *GROUPED_MATMULS)
 
 
 def resolve_ragged_matmul(name: str, experts: Experts | None = None) -> str:
@@ -177,8 +177,6 @@ def resolve_ragged_matmul(name: str, experts: Experts | None = None) -> str:
     }
     for choice in ("blocked", "mgpu") if name == "auto" else (name,):
         if reasons[choice] is None:
-            if choice == "mgpu":
-                grouped_matmul.register()
             return choice
     if name != "auto":
         raise ValueError(
@@ -258,46 +256,19 @@ def dropless_dispatch(
 ):
     """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul.
 
-    On a mesh each device does this for its own routing groups (sharding.per_shard_dropless).
+    On a mesh each device does this for its own routing groups (exchange.per_shard_dropless).
     fused_glu: with 'blocked', a gated FFN's two input matmuls and activation are one kernel.
     """
 
     def local(x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts):
         name = resolve_ragged_matmul(matmul, experts)  # on the per-device expert shapes
-        if name == "blocked":
-            from glam_jax.kernels import block_grouped_matmul as bg
-
-            return dropless_blocked_dispatch(
-                x_gtm,
-                expert_index_gtk,
-                weights_gtk,
-                dispatch_mask_gtk,
-                experts,
-                bg.block_matmul,
-                bg.glu_block_matmul if fused_glu else None,
-            )
-        return _dropless_sorted(
-            x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts, name
+        return GROUPED_MATMULS[name](
+            x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts, fused_glu
         )
 
-    return sharding.per_shard_dropless(
+    return exchange.per_shard_dropless(
         local, x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts
     )
-
-
-def _dropless_sorted(x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts, matmul):
-    """Pairs sorted by expert (unpadded groups) through RAGGED_MATMULS[matmul]."""
-    g, t, m = x_gtm.shape
-    e, k = experts.num_experts, expert_index_gtk.shape[-1]
-    x_nm = x_gtm.reshape(g * t, m)
-    e_p = expert_index_gtk.reshape(-1)
-    order_p = jnp.argsort(e_p, stable=True)
-    xs_pm = jnp.take(x_nm, order_p // k, axis=0)
-    group_sizes_e = jnp.bincount(e_p, length=e)
-    grouped = RAGGED_MATMULS[matmul]
-    ys_pm = experts.ragged(xs_pm, lambda x, w: grouped(x, w, group_sizes_e))
-    y_pm = jnp.zeros_like(ys_pm).at[order_p].set(ys_pm)
-    return _combine_pairs(y_pm, weights_gtk, dispatch_mask_gtk)
 
 
 def dropless_blocked_dispatch(
@@ -362,3 +333,100 @@ def expert_choice_sort(x_gtm, token_gec, weights_gec, experts: Experts):
     return jax.vmap(lambda idx, y: jnp.zeros((t, m), y.dtype).at[idx].add(y))(
         token_gec.reshape(g, e * c), y_gsm
     )
+
+
+# ---- the one entry of the layer ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DispatchOptions:
+    """How routed tokens travel: the path, the capacity and the dropless grouped matmul."""
+
+    path: str  # moe.dispatch: one of DISPATCHES
+    capacity: int  # slots per expert and group (capacity paths)
+    ragged_matmul: str = "auto"  # moe.ragged_matmul (dropless)
+    fused_glu: bool = True  # moe.fused_glu (dropless, 'blocked')
+
+
+@struct.dataclass
+class Dispatched:
+    """The layer's output and what it cost: how load spread and how much was dropped."""
+
+    y_gtm: jax.Array  # combined expert outputs [G, T, M]
+    expert_load_e: jax.Array  # [E] share of the dispatched (token, expert) pairs per expert
+    dropped_fraction: jax.Array  # scalar: share of dispatched work that found no slot
+
+
+def _capacity_path(fn):
+    """einsum/sort for token choice: slots from assign_slots, then fn through them."""
+
+    def run(x_gtm, r: Routing, experts: Experts, opts: DispatchOptions):
+        e = experts.num_experts
+        position_gtk, kept_gtk = assign_slots(r.expert_index, r.dispatch_mask, e, opts.capacity)
+        y_gtm = fn(
+            x_gtm, r.expert_index, r.combine_weights, kept_gtk, position_gtk, experts, opts.capacity
+        )
+        return y_gtm, kept_gtk
+
+    return run
+
+
+def _dropless_path(x_gtm, r: Routing, experts: Experts, opts: DispatchOptions):
+    """dropless for token choice: every dispatched choice is kept."""
+    y_gtm = dropless_dispatch(
+        x_gtm,
+        r.expert_index,
+        r.combine_weights,
+        r.dispatch_mask,
+        experts,
+        opts.ragged_matmul,
+        opts.fused_glu,
+    )
+    return y_gtm, r.dispatch_mask
+
+
+# moe.dispatch -> path(x, routing, experts, options) -> (y, kept) for token-choice routing ...
+TOKEN_CHOICE_PATHS = {
+    "einsum": _capacity_path(einsum_dispatch),
+    "sort": _capacity_path(sort_dispatch),
+    "dropless": _dropless_path,
+}
+# ... and -> y for expert-choice routing (capacity is fixed by the router: no dropless).
+EXPERT_CHOICE_PATHS = {"einsum": expert_choice_einsum, "sort": expert_choice_sort}
+
+
+def _dispatch_token_choice(x_gtm, r: Routing, experts: Experts, opts) -> Dispatched:
+    """Token choice: load over dispatched choices; dropped = dispatched but over capacity."""
+    y_gtm, kept_gtk = TOKEN_CHOICE_PATHS[opts.path](x_gtm, r, experts, opts)
+    onehot_gtke = jax.nn.one_hot(r.expert_index, experts.num_experts, dtype=jnp.float32)
+    sent_gtk = r.dispatch_mask.astype(jnp.float32)
+    sent = jnp.maximum(jnp.sum(sent_gtk), 1.0)
+    load_e = jnp.einsum("gtke,gtk->e", onehot_gtke, sent_gtk) / sent
+    # (sent - kept) / sent, not 1 - kept / sent: exactly 0 when nothing drops
+    dropped = (jnp.sum(sent_gtk) - jnp.sum(kept_gtk)) / sent
+    return Dispatched(y_gtm=y_gtm, expert_load_e=load_e, dropped_fraction=dropped)
+
+
+def _dispatch_expert_choice(x_gtm, r: ExpertChoiceRouting, experts: Experts, opts) -> Dispatched:
+    """Expert choice: load is uniform by construction; dropped = tokens no expert picked."""
+    y_gtm = EXPERT_CHOICE_PATHS[opts.path](x_gtm, r.token_index, r.combine_weights, experts)
+    g, t = x_gtm.shape[:2]
+    chosen_gt = jax.vmap(lambda c, idx: c.at[idx].add(1.0))(
+        jnp.zeros((g, t), jnp.float32), r.token_index.reshape(g, -1)
+    )
+    e = experts.num_experts
+    return Dispatched(
+        y_gtm=y_gtm,
+        expert_load_e=jnp.full((e,), 1.0 / e),
+        dropped_fraction=jnp.mean((chosen_gt == 0).astype(jnp.float32)),
+    )
+
+
+def dispatch(
+    x_gtm: jax.Array,
+    routing: Routing | ExpertChoiceRouting,
+    experts: Experts,
+    options: DispatchOptions,
+) -> Dispatched:
+    """Tokens [G, T, M] to their experts and back along `options.path`, with load statistics."""
+    if isinstance(routing, ExpertChoiceRouting):
+        return _dispatch_expert_choice(x_gtm, routing, experts, options)
+    return _dispatch_token_choice(x_gtm, routing, experts, options)

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import glam
+from glam_jax.presets import glam
 
 
 def get_config() -> ml_collections.ConfigDict:

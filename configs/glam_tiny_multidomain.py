@@ -11,8 +11,8 @@ Without `wiki=` the mix is prose and code only. 600 steps used 14 minutes of CPU
 
 import ml_collections
 
-from configs.glam_tiny import get_config as get_tiny_config
 from glam_jax.analysis.corpus import embedded_text_path, stdlib_python_files
+from glam_jax.presets.glam_tiny import get_config as get_tiny_config
 
 CODE_BYTES = 1_200_000  # standard-library code kept about as large as tiny Shakespeare (1.1 MB)
 

@@ -18,8 +18,8 @@ few minutes on one H200 at the speed of the project's dropless kernels.
 
 import ml_collections
 
-from configs.base import get_base_config
 from glam_jax.presets import variants
+from glam_jax.presets.base import get_base_config
 
 # name: (experts, router, k, expert width as a fraction of the dense FFN width)
 ARMS = {

@@ -85,7 +85,7 @@ def load_config(path: str, arg: str):
 
     spec = importlib.util.spec_from_file_location("study_config", path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO))  # config files import `configs.base`
+    sys.path.insert(0, str(REPO))  # a user's config file may import `configs.*`
     spec.loader.exec_module(module)
     try:
         return module.get_config(arg)

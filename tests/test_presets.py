@@ -3,6 +3,8 @@
 import ast
 import os
 import runpy
+import subprocess
+import sys
 
 import pytest
 import setuptools
@@ -91,3 +93,24 @@ def test_library_imports_no_configs_or_experiments_and_setup_installs_only_it(mo
     assert seen["packages"] and all(p.split(".")[0] == "glam_jax" for p in seen["packages"])
     assert "glam_jax.presets" in seen["packages"] and "glam_jax.moe" in seen["packages"]
     assert "corpus/*.txt" in seen["package_data"]["glam_jax.data"]
+
+
+def test_every_config_file_loads_outside_the_checkout(tmp_path):
+    """experiments/train.py loads a config file by path, with the checkout's root not on
+    sys.path (only glam_jax is installed), so no config may import the `configs` package."""
+    script = (
+        "import glob, importlib.util, sys\n"
+        f"assert {str(ROOT)!r} not in sys.path\n"
+        f"for path in sorted(glob.glob({os.path.join(ROOT, 'configs', '*.py')!r})):\n"
+        "    if path.endswith('__init__.py'):\n"
+        "        continue\n"
+        "    spec = importlib.util.spec_from_file_location('config_file', path)\n"
+        "    module = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+        "    module.get_config()\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-1500:]

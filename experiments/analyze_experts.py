@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from glam_jax import cli, config_checks, gpu_defaults, hf_checkpoint, pretrained, sharding, steps
+from glam_jax import cli, config_checks, gpu_defaults, pretrained, sharding, steps
 from glam_jax.analysis import analyze, parse_text_files, regex_class, select_classes, write_report
 from glam_jax.analysis.collect import check_analysable
 from glam_jax.errors import GlamError
@@ -72,14 +72,8 @@ def load_model():
         raise GlamError(
             "--random_init goes with --workdir (its config and tokenizer), not --hf_dir."
         )
-    config = _CONFIG.value
-    if _HF_DIR.value:
-        hf_config = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(_HF_DIR.value))
-        if config is not None:  # --config only overrides dtypes / mesh of an HF checkpoint
-            for key in ("dtype", "param_dtype", "attention_impl"):
-                hf_config.model[key] = config.model[key]
-            hf_config.mesh.shape = config.mesh.shape
-        config = hf_config
+    # With --hf_dir, --config contributes only dtypes, the attention kernel and the mesh.
+    config = pretrained.config_for_source(_CONFIG.value, _HF_DIR.value)
     if config is None:
         raise GlamError("--config is required with --workdir (the config the run trained with).")
     config_checks.check_model(config)

@@ -31,7 +31,6 @@ from glam_jax import (
     config_checks,
     decode,
     gpu_defaults,
-    hf_checkpoint,
     pretrained,
     sharding,
 )
@@ -71,14 +70,8 @@ def _load(mesh_shape):
     sources = [bool(_WORKDIR.value), bool(_HF_DIR.value), _RANDOM_INIT.value]
     if sum(sources) != 1:
         raise GlamError("pass exactly one of --workdir, --hf_dir and --random_init.")
-    config = _CONFIG.value
-    if _HF_DIR.value:
-        hf_config = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(_HF_DIR.value))
-        if config is not None:  # --config only overrides dtypes / mesh of an HF checkpoint
-            for key in ("dtype", "param_dtype", "attention_impl"):
-                hf_config.model[key] = config.model[key]
-            hf_config.mesh.shape = config.mesh.shape
-        config = hf_config
+    # With --hf_dir, --config contributes only dtypes, the attention kernel and the mesh.
+    config = pretrained.config_for_source(_CONFIG.value, _HF_DIR.value)
     if config is None:
         raise GlamError("--config is required with --workdir and --random_init.")
     config_checks.check_model(config)

@@ -46,6 +46,21 @@ def params_from_workdir(
     return state.params, int(jax.device_get(state.step))
 
 
+def config_for_source(
+    config: ml_collections.ConfigDict | None, hf_dir: str
+) -> ml_collections.ConfigDict | None:
+    """The model config of `hf_dir`'s config.json, taking only the dtypes, attention kernel and
+    mesh from `config` (an HF checkpoint fixes the model); without `hf_dir`, `config` itself."""
+    if not hf_dir:
+        return config
+    hf_config = hf_checkpoint.config_from_hf(hf_checkpoint.read_config(hf_dir))
+    if config is not None:
+        for key in ("dtype", "param_dtype", "attention_impl"):
+            hf_config.model[key] = config.model[key]
+        hf_config.mesh.shape = config.mesh.shape
+    return hf_config
+
+
 def params_from_hf(path: str, mesh: Mesh, config: ml_collections.ConfigDict | None = None):
     """(config, params) of a Hugging Face Mixtral directory (see hf_checkpoint)."""
     return hf_checkpoint.load_mixtral(path, mesh, config)

@@ -327,6 +327,19 @@ def test_undecodable_files_are_named_or_skipped(tmp_path):
     assert bundle.num_train_documents + bundle.num_eval_documents == 60
 
 
+def test_max_document_chars_leaves_long_documents_out(tmp_path):
+    short = [f"short line {i}" for i in range(60)]
+    long = [f"a much longer line number {i} " * 8 for i in range(20)]
+    (tmp_path / "mixed.txt").write_text("\n".join(short + long), encoding="utf-8")
+    config = make_config(text_files=str(tmp_path / "mixed.txt"), document_split="line")
+    config.model.vocab_size = 300
+    config.data.max_document_chars = 100
+    bundle = create_datasets(config, tmp_path / "cache")
+    assert bundle.num_train_documents + bundle.num_eval_documents == len(short)
+    kept = [text for text, _ in decode_stream(take(bundle.train_iter, 20), bundle.tokenizer)]
+    assert kept and all(len(text) <= 100 for text in kept)
+
+
 def test_sharding_is_disjoint_and_covers():
     docs = grain.MapDataset.source(list(range(103)))
     shares = [list(pipeline.shard_documents(docs, shard_index=i, shard_count=3)) for i in range(3)]

@@ -168,16 +168,11 @@ class GlamTextCorpus(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, validation: bool) -> Iterator[tuple[str, dict[str, str]]]:
-        for file_index, file in enumerate(self._files):
-            text = read_text_file(file, self._undecodable_files)
-            if text is None:
-                continue
-            lines = io.StringIO(text).readlines()  # split at '\n' only, as iterating the file did
-            for doc_index, doc in enumerate(iter_documents(lines, self._document_split)):
-                if self._max_document_chars and len(doc) > self._max_document_chars:
-                    continue
-                if is_validation(doc, self._validation_fraction) == validation:
-                    yield f"{file_index}-{doc_index}", {TEXT_KEY: doc}
+        for key, doc in corpus_documents(
+            self._files, self._document_split, self._undecodable_files, self._max_document_chars
+        ):
+            if is_validation(doc, self._validation_fraction) == validation:
+                yield key, {TEXT_KEY: doc}
 
 
 def _files_identity(files: Sequence[Path | Traversable], embedded: bool) -> list[Any]:
@@ -187,22 +182,33 @@ def _files_identity(files: Sequence[Path | Traversable], embedded: bool) -> list
     return [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
 
 
-def _split_sizes(
+def corpus_documents(
     files: Sequence[Path | Traversable],
     document_split: str,
-    validation_fraction: float,
-    undecodable_files: str,
+    undecodable_files: str = "error",
+    max_document_chars: int = 0,
+) -> Iterator[tuple[str, str]]:
+    """(key, text) of every document the corpus keeps, in file order; both splits draw on it."""
+    for file_index, file in enumerate(files):
+        text = read_text_file(file, undecodable_files)
+        if text is None:
+            continue
+        lines = io.StringIO(text).readlines()  # split at '\n' only, as iterating the file did
+        for doc_index, doc in enumerate(iter_documents(lines, document_split)):
+            if not max_document_chars or len(doc) <= max_document_chars:
+                yield f"{file_index}-{doc_index}", doc
+
+
+def _split_sizes(
+    files: Sequence[Path | Traversable], validation_fraction: float, **documents: Any
 ) -> tuple[int, int]:
     """Documents per split (train, validation), counted only to explain an empty split."""
-    num_train = num_eval = 0
-    for file in files:
-        text = read_text_file(file, undecodable_files)
-        if text is not None:
-            for doc in iter_documents(io.StringIO(text).readlines(), document_split):
-                if is_validation(doc, validation_fraction):
-                    num_eval += 1
-                else:
-                    num_train += 1
+    num_eval = num_train = 0
+    for _, doc in corpus_documents(files, **documents):
+        if is_validation(doc, validation_fraction):
+            num_eval += 1
+        else:
+            num_train += 1
     return num_train, num_eval
 
 
@@ -257,7 +263,11 @@ def prepare_text_corpus(
         builder.download_and_prepare()
     except AssertionError:  # TFDS refuses to write an empty split; say which one and why.
         num_train, num_eval = _split_sizes(
-            files, document_split, validation_fraction, undecodable_files
+            files,
+            validation_fraction,
+            document_split=document_split,
+            undecodable_files=undecodable_files,
+            max_document_chars=max_document_chars,
         )
         if num_train + num_eval == 0:
             raise DataError(f"corpus {label!r} is empty: it has no non-blank documents.") from None

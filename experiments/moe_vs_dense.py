@@ -94,7 +94,8 @@ def load_config(path: str, arg: str):
 
 
 def apply_overrides(config, overrides: list[str], corpus: str, cache_dir: str | None):
-    """The --set key=value overrides, plus the corpus and shared cache, as train.py gets them."""
+    """The --set key=value overrides, plus the corpus and shared cache, as train.py gets them
+    (train.py parses the same `--config.KEY=VALUE` strings with ml_collections)."""
     import ast
 
     for item in overrides:
@@ -218,24 +219,24 @@ def run_study() -> None:
     if root.exists() and not root.is_dir():
         raise StudyError(f"--workdir={root} is an existing file; name a directory.")
     runs = [parse_run(spec) for spec in _RUNS.value]
-    tfds = any(
-        item.startswith("data.tfds_name=") and item != "data.tfds_name=" for item in _SET.value
-    )
-    # The tiny scale reads the embedded corpus and a TFDS catalog dataset needs no files; the
-    # study's default corpus is this interpreter's installed Python sources.
-    corpus = _CORPUS.value or ("" if tfds or _SCALE.value == "tiny" else default_corpus())
     cache = str(root / "data")
     configs = {
         run: apply_overrides(
             load_config(_CONFIG.value, variant(*run, _SCALE.value, _STEPS.value)),
             _SET.value,
-            corpus,
+            "",
             cache,
         )
         for run in runs
     }
-    study.setdefault("recipe", {})
     first = configs[runs[0]]
+    # The tiny scale reads the embedded corpus and a TFDS catalog dataset needs no files; the
+    # study's default corpus is this interpreter's installed Python sources.
+    default = "" if first.data.tfds_name or _SCALE.value == "tiny" else default_corpus()
+    corpus = _CORPUS.value or default
+    for config in configs.values():
+        config.data.text_files = corpus or config.data.text_files
+    study.setdefault("recipe", {})
     if corpus:
         study["manifest"] = manifest(corpus)
         start = time.perf_counter()

@@ -8,21 +8,28 @@ import sys
 from tests.helpers import ROOT
 
 
-def test_explore_notebook_runs(tmp_path):
-    with open(os.path.join(ROOT, "notebooks", "explore_glam.ipynb")) as f:
+def run_notebook(name: str, tmp_path, timeout: int, **env: str) -> subprocess.CompletedProcess:
+    """The notebook's code cells as one script in a fresh interpreter, its workdir in tmp_path."""
+    with open(os.path.join(ROOT, "notebooks", name)) as f:
         notebook = json.load(f)
     cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
     script = tmp_path / "notebook.py"
     script.write_text("\n\n".join(cells))
-    env = dict(os.environ, GLAM_NOTEBOOK_WORKDIR=str(tmp_path), MPLBACKEND="Agg", PYTHONPATH=ROOT)
-    proc = subprocess.run(
+    env = dict(
+        os.environ, GLAM_NOTEBOOK_WORKDIR=str(tmp_path), MPLBACKEND="Agg", PYTHONPATH=ROOT, **env
+    )
+    return subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=env,
-        timeout=600,
+        timeout=timeout,
     )
+
+
+def test_explore_notebook_runs(tmp_path):
+    proc = run_notebook("explore_glam.ipynb", tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cross-entropy" in proc.stdout and "MoE layer 1" in proc.stdout
     assert "ROMEO:" in proc.stdout
@@ -31,30 +38,15 @@ def test_explore_notebook_runs(tmp_path):
 def test_what_experts_learn_notebook_runs(tmp_path):
     """The analysis notebook with a 10-step model and a few thousand tokens per domain (the
     full run takes the config's 600 steps); WikiText-2 from ../shared/data when it is there."""
-    with open(os.path.join(ROOT, "notebooks", "what_experts_learn.ipynb")) as f:
-        notebook = json.load(f)
-    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
-    script = tmp_path / "notebook.py"
-    script.write_text("\n\n".join(cells))
     shared = os.path.join(os.path.dirname(ROOT), "shared", "data")
-    env = dict(
-        os.environ,
-        GLAM_NOTEBOOK_WORKDIR=str(tmp_path),
+    wikitext = os.path.isfile(os.path.join(shared, "wikitext2_test.txt"))
+    proc = run_notebook(
+        "what_experts_learn.ipynb",
+        tmp_path,
+        timeout=900,
         GLAM_NOTEBOOK_STEPS="10",
         GLAM_NOTEBOOK_TOKENS="3000",
-        GLAM_WIKITEXT_DIR=shared
-        if os.path.isfile(os.path.join(shared, "wikitext2_test.txt"))
-        else "",
-        MPLBACKEND="Agg",
-        PYTHONPATH=ROOT,
-    )
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=900,
+        GLAM_WIKITEXT_DIR=shared if wikitext else "",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokens analysed in" in proc.stdout and "I(expert; class)" in proc.stdout

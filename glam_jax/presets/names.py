@@ -9,6 +9,7 @@ becomes that module's file, which `ml_collections.config_flags` then loads like 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pkgutil
 
@@ -53,3 +54,18 @@ def expand_config_args(argv: list[str], flag: str = "config") -> list[str]:
         elif arg == f"--{flag}" and i + 1 < len(out):
             out[i + 1] = resolve(out[i + 1])
     return out
+
+
+def load_config(value: str):
+    """The ConfigDict of a config file or preset name with an optional `:variant`, loaded the
+    way `config_flags` loads `--config` (the file's `get_config(variant)`), for programs that
+    take a config as a plain string (the lm-eval adapter's `config=` model argument)."""
+    path, colon, variant = resolve(value).partition(":")
+    if not os.path.isfile(path):
+        raise GlamError(f"config {value!r} is not an existing file or a preset name.")
+    spec = importlib.util.spec_from_file_location("glam_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise GlamError(f"config file {path!r} has no get_config() function.")
+    return module.get_config(variant) if colon else module.get_config()

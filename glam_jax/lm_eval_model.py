@@ -209,17 +209,34 @@ class GlamLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Continuations of each context, cut before the first stop string (`until`)."""
-        out = []
-        for req in requests:
+        """Continuations of each context, cut before the first stop string (`until`); requests
+        with the same generation settings share batches of `batch_size` prompts."""
+        groups: dict = {}
+        for i, req in enumerate(requests):
             context, gen_kwargs = req.args
-            out.append(self._generate_one(context, dict(gen_kwargs)))
-            self.cache_hook.add_partial("generate_until", req.args, out[-1])
+            settings = self._settings(dict(gen_kwargs))
+            groups.setdefault(settings, []).append((i, context))
+        out = [""] * len(requests)
+        for (until, new, sampling, seed), items in groups.items():
+            for start in range(0, len(items), self.scorer.batch_size):
+                chunk = items[start : start + self.scorer.batch_size]
+                prompts = [self.tok_encode(c)[-(self.max_length - new) :] for _, c in chunk]
+                generation = self.scorer.generator.generate(
+                    self.loaded.params, prompts, new, sampling, seed=seed, eos_id=self.sp.eos_id()
+                )
+                for (i, _), tokens in zip(chunk, generation.tokens, strict=True):
+                    text = self.tok_decode(tokens)
+                    for stop in until:
+                        text = text.split(stop, 1)[0] if stop else text
+                    out[i] = text
+        for req, text in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("generate_until", req.args, text)
         return out
 
-    def _generate_one(self, context: str, gen_kwargs: dict) -> str:
+    def _settings(self, gen_kwargs: dict) -> tuple:
+        """(stop strings, new tokens, Sampling, seed) of lm-eval's generation arguments."""
         until = gen_kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = (until,) if isinstance(until, str) else tuple(until)
         new = int(gen_kwargs.pop("max_gen_toks", DEFAULT_GEN_TOKENS))
         temperature = float(gen_kwargs.pop("temperature", 0.0))
         if not gen_kwargs.pop("do_sample", temperature > 0):
@@ -229,22 +246,9 @@ class GlamLM(TemplateLM):
             int(gen_kwargs.pop("top_k", 0) or 0),
             float(gen_kwargs.pop("top_p", 1.0) or 1.0),
             self.sp.vocab_size(),
-        )
-        new = min(new, self.max_length - 1)
-        prompt = self.tok_encode(context)[-(self.max_length - new) :]
-        generation = self.scorer.generator.generate(
-            self.loaded.params,
-            [prompt],
-            new,
-            sampling,
-            seed=int(gen_kwargs.pop("seed", 0) or 0),
-            eos_id=self.sp.eos_id(),
-        )
-        text = self.tok_decode(generation.tokens[0])
-        for stop in until:
-            if stop:
-                text = text.split(stop, 1)[0]
-        return text
+        ).check()
+        seed = int(gen_kwargs.pop("seed", 0) or 0)
+        return until, min(new, self.max_length - 1), sampling, seed
 
 
 def entry() -> None:

@@ -167,25 +167,37 @@ def test_loglikelihood_rolling_scores_every_token_in_disjoint_windows(lm, direct
     assert len(lm.tok_encode(LONG, add_special_tokens=False)) > 2 * limit  # three windows
 
 
-def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(lm, direct):
-    context = "MENENIUS:"
+def _greedy_text(lm, direct, context: str, steps: int) -> str:
+    """Greedy decoding from full forward passes, over the tokenizer's pieces (the model's
+    vocabulary is larger), stopping at EOS."""
     row = [lm.sp.bos_id(), *lm.sp.encode(context)]
-    for _ in range(6):  # greedy over the tokenizer's pieces (the model's vocab is larger)
-        logits = direct.logits(row)[-1]
-        row.append(int(logits[: lm.sp.vocab_size()].argmax()))
-    text = lm.sp.decode(row[-6:])
-    stop = text.strip()[1:3] if len(text.strip()) > 2 else "\x00"
+    new = []
+    for _ in range(steps):
+        token = int(direct.logits(row)[-1][: lm.sp.vocab_size()].argmax())
+        if token == lm.sp.eos_id():
+            break
+        row.append(token)
+        new.append(token)
+    return lm.sp.decode(new)
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(lm, direct):
+    """Two prompts of different lengths share a batch; a stop string cuts the text."""
+    contexts = ["MENENIUS:", "First Citizen:\nWe are accounted poor citizens"]
+    texts = [_greedy_text(lm, direct, c, 6) for c in contexts]
+    stop = texts[0].strip()[1:3]
+    assert len(stop) == 2 and stop in texts[0]
     got = lm.generate_until(
         _requests(
             "generate_until",
             [
-                (context, {"until": [], "max_gen_toks": 6}),
-                (context, {"until": [stop], "max_gen_toks": 6}),
+                (contexts[0], {"until": [], "max_gen_toks": 6}),
+                (contexts[0], {"until": [stop], "max_gen_toks": 6}),
+                (contexts[1], {"until": [], "max_gen_toks": 6}),
             ],
         )
     )
-    assert got[0] == text
-    assert got[1] == text.split(stop, 1)[0] and stop in text
+    assert got == [texts[0], texts[0].split(stop, 1)[0], texts[1]]
 
 
 def test_local_task_scores_equal_scores_from_our_logits(lm, direct, monkeypatch):

@@ -89,7 +89,9 @@ class Scorer:
             tokens = np.zeros((self.batch_size, length), np.int32)
             targets = np.zeros_like(tokens)
             segment_ids = np.zeros_like(tokens)
-            for r, i in enumerate(chunk):
+            # Filler rows repeat the chunk's first row: no row is all padding (whose attention
+            # would see no key at all).
+            for r, i in enumerate(chunk + [chunk[0]] * (self.batch_size - len(chunk))):
                 row = np.asarray(rows[i], np.int32)
                 tokens[r, : len(row) - 1] = row[:-1]
                 targets[r, : len(row) - 1] = row[1:]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import subprocess
 import sys
 import sysconfig
@@ -68,11 +67,13 @@ def venv(wheel, tmp_path_factory):
     _run([sys.executable, "-m", "venv", "--without-pip", str(path)], ROOT, timeout=300)
     python = str(path / "bin" / "python")
     purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], ROOT)
-    parents = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
-    parents |= set(site.getsitepackages())
+    # Every site directory this interpreter sees (a venv with --system-site-packages has two).
+    parents = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+    for extra in (sysconfig.get_path("purelib"), sysconfig.get_path("platlib")):
+        parents += [extra] if extra not in parents else []
     # Plain path lines: the parents' own .pth files (an editable glam_jax) are not processed.
     with open(os.path.join(purelib.strip(), "_test_env.pth"), "w") as f:
-        f.write("\n".join(sorted(parents)) + "\n")
+        f.write("\n".join(parents) + "\n")  # in this interpreter's order
     pip = [sys.executable, "-m", "pip", "--python", python]
     _run([*pip, "install", "-q", "--no-deps", "--no-index", str(wheel)], ROOT, timeout=300)
     return path

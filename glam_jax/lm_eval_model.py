@@ -128,9 +128,9 @@ class GlamLM(TemplateLM):
     def __init__(self, batch_size=None, max_batch_size=None, device=None, **model_args):
         super().__init__()
         del max_batch_size, device  # one batch size; JAX places the model on its own devices
+        rows = _positive_int("batch_size", batch_size, DEFAULT_BATCH)  # before the slow load
         self.loaded = load(model_args)
         config = self.loaded.config
-        rows = _positive_int("batch_size", batch_size, DEFAULT_BATCH)
         self.scorer = Scorer(config, self.loaded.params, self.loaded.mesh, rows)
         self.sp = self.loaded.tokenizer
         limit = int(config.model.max_len)

@@ -54,7 +54,7 @@ setup(
             "glam-eval = glam_jax.commands.eval:entry",
             "glam-generate = glam_jax.commands.generate:entry",
             "glam-param-count = glam_jax.param_count:entry",
-            "glam-lm-eval = glam_jax.lm_eval_model:entry",
+            "glam-lm-eval = glam_jax.commands.lm_eval:entry",
         ]
     },
 )

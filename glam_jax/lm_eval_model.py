@@ -6,9 +6,9 @@
     glam-lm-eval --model glam_jax --model_args hf_dir=/data/Mixtral-8x7B-v0.1,mesh=1x8x1 ...
 
 lm-eval (0.4.x) finds a model only in its registry, which holds the models of modules that
-were imported; it reads no entry points. So `glam-lm-eval` is lm-eval's own command line with
-this module imported first (same flags as `lm_eval`), and from Python,
-`import glam_jax.lm_eval_model` before `lm_eval.simple_evaluate(model="glam_jax", ...)`.
+were imported; it reads no entry points. So `glam-lm-eval` (glam_jax/commands/lm_eval.py) is
+lm-eval's own command line with this module imported first (same flags as `lm_eval`), and from
+Python, `import glam_jax.lm_eval_model` before `lm_eval.simple_evaluate(model="glam_jax", ...)`.
 
 Model arguments (`--model_args k=v,...`): exactly one of `workdir` (a training workdir; its
 config.json says the model) and `hf_dir` (a Hugging Face Mixtral directory); optionally
@@ -28,14 +28,13 @@ cut at the first stop string.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import jax
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from glam_jax import checkpoint, config_checks, decode, gpu_defaults, pretrained, sharding
+from glam_jax import checkpoint, config_checks, decode, pretrained, sharding
 from glam_jax.errors import GlamError
 from glam_jax.presets import names
 from glam_jax.scoring import Scorer
@@ -249,14 +248,3 @@ class GlamLM(TemplateLM):
         ).check()
         seed = int(gen_kwargs.pop("seed", 0) or 0)
         return until, min(new, self.max_length - 1), sampling, seed
-
-
-def entry() -> None:
-    """The `glam-lm-eval` console script: lm-eval's command line with `glam_jax` registered."""
-    gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    from lm_eval.__main__ import cli_evaluate
-
-    try:
-        cli_evaluate()
-    except GlamError as err:
-        sys.exit(f"error: {' '.join(str(err).split())}")

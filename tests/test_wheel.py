@@ -10,6 +10,7 @@ checks that `glam_jax` is imported from the venv, not from the checkout.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -107,6 +108,17 @@ def test_console_scripts_train_the_tiny_model_outside_the_checkout(venv, tmp_pat
         _run([str(bin_dir / "glam-param-count"), "--config=glam_tiny", "--json"], outside)
     )
     assert counts["total_params"] == flops.count(glam_tiny.get_config()).total_params
+
+    lm_eval = subprocess.run(
+        [str(bin_dir / "glam-lm-eval"), "run", "--help"],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+    )
+    if importlib.util.find_spec("lm_eval") is None:  # without the [eval] extra: one sentence
+        assert lm_eval.returncode == 1 and lm_eval.stderr.startswith("error: glam-lm-eval needs")
+    else:
+        assert lm_eval.returncode == 0 and "--model_args" in lm_eval.stdout, lm_eval.stderr[-2000:]
 
     workdir = outside / "run"
     _run(

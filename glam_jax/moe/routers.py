@@ -139,7 +139,8 @@ def topk_softmax(logits_gte: jax.Array, k: int, choice_bias_e: jax.Array | None 
     """Mixtral: top-k of the logits, softmax over the k kept logits.
 
     choice_bias_e (DeepSeek-V3's balancing bias) moves only which experts are chosen, the top k
-    of probs + bias (without it, of the logits: the same order); the gates are the unbiased softmax over the chosen experts' logits.
+    of probs + bias (without it, of the logits: the same order); the gates stay the unbiased
+    softmax over the chosen experts' logits.
     """
     probs = jax.nn.softmax(logits_gte, axis=-1)
     choice_gte = logits_gte if choice_bias_e is None else probs + choice_bias_e

@@ -254,6 +254,7 @@ class RouterSpec:
     params: tuple[RouterParam, ...] = ()  # extra parameters beside the router matrix
     # Router-specific config rule: check(moe config) -> None, or the one-sentence complaint.
     check: Callable[[Any], str | None] = lambda moe: None
+    choice_bias: bool = False  # reads RouterInputs.choice_bias_e (moe.expert_bias_update_rate)
 
 
 def _route_gshard_top2(r: RouterInputs) -> Routing:
@@ -295,7 +296,7 @@ ROUTERS: dict[str, RouterSpec] = {
     "gshard_top2": RouterSpec(_route_gshard_top2, fixed_k=2),
     "switch_top1": RouterSpec(lambda r: switch_top1(r.logits_gte), fixed_k=1),
     "topk_softmax": RouterSpec(
-        lambda r: topk_softmax(r.logits_gte, r.num_selected, r.choice_bias_e)
+        lambda r: topk_softmax(r.logits_gte, r.num_selected, r.choice_bias_e), choice_bias=True
     ),
     "noisy_topk": RouterSpec(
         _route_noisy_topk, params=(RouterParam("router_noise"),), check=_check_noisy_topk

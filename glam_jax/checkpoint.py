@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state together with the data-iterator state.
 
-One step directory holds `state` (params, optimizer state, step, rng; restored straight into
-their shardings) and `data` (the grain iterator state as JSON), so a resumed run continues
+One step directory holds `state` (params, optimizer state, step, rng, model state such as the
+MoE expert bias; restored straight into their shardings) and `data` (the grain iterator state as JSON), so a resumed run continues
 with exactly the batch the interrupted one would have seen next. With several processes each
 reads its own part of the data; `allgather_json` collects every process's iterator state so the
 saved `data` item holds them all, and each process takes its own part back on restore. The
@@ -12,6 +12,7 @@ filled up) is skipped for the newest one that can, and a save refuses non-finite
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -204,22 +205,41 @@ class Checkpointer:
         candidates = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
         if not candidates:
             raise CheckpointError(f"no checkpoint found under {self.directory}.")
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-        )
         for candidate in candidates:
             try:
-                restored = self.manager.restore(candidate, args=args)
+                return self._restore_step(candidate, abstract_state)
             except (ValueError, KeyError, TypeError, OSError) as err:  # not device errors (OOM)
                 self.unreadable.append((candidate, _first_line(err)))
-                continue
-            return restored["state"], restored["data"]
         reasons = "; ".join(f"step {s}: {reason}" for s, reason in self.unreadable)
         raise CheckpointError(
             f"no checkpoint under {self.directory} can be restored ({reasons}): they are "
             "unreadable or were written for another model or optimizer; use a new --workdir or "
             "the config they were written with."
         )
+
+    def _restore_step(self, step: int, abstract_state: TrainState) -> tuple[Any, dict]:
+        """(state, data state) of one step. A model without non-parameter state also reads
+        checkpoints written before TrainState.model_state existed (the same tree without it)."""
+
+        def restore(target):
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+            )
+            restored = self.manager.restore(step, args=args)
+            return restored["state"], restored["data"]
+
+        try:
+            return restore(abstract_state)
+        except ValueError:
+            if jax.tree.leaves(abstract_state.model_state):
+                raise
+            legacy = {
+                f.name: getattr(abstract_state, f.name)
+                for f in dataclasses.fields(abstract_state)
+                if f.name != "model_state"
+            }
+            state, data = restore(legacy)
+            return TrainState(**state, model_state={}), data
 
     def set_aside(self, steps: list[int], workdir: str) -> str:
         """Moves unreadable step folders to <workdir>/unreadable_checkpoints/ (kept for a person to

@@ -348,9 +348,10 @@ class Transformer(nn.Module):
             scanned = nn.scan(
                 block_cls,
                 # 'intermediates': MoE routing sown for glam_jax/analysis, stacked per block.
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0}
+                # 'moe_state': the per-layer expert bias of auxiliary-loss-free balancing.
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0, "moe_state": 0}
                 if decode
-                else {"params": 0, "intermediates": 0},
+                else {"params": 0, "intermediates": 0, "moe_state": 0},
                 split_rngs={"params": True, "dropout": True, "routing": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=segment.repeats,
@@ -392,6 +393,10 @@ def summarise_moe_stats(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
     out["expert_load"] = stats["expert_load"]  # [moe layers, E]
     out["dropped_fraction"] = stats["dropped_fraction"]  # [moe layers]
     out["router_entropy"] = stats["router_entropy"]  # [moe layers]
+    load = stats["expert_load"]
+    out["expert_load_max_over_mean"] = jnp.max(load, -1) / jnp.mean(load, -1)  # [moe layers]
+    if "expert_bias" in stats:  # auxiliary-loss-free balancing: the bias this step chose with
+        out["expert_bias"] = stats["expert_bias"]  # [moe layers, E]
     top1 = stats["top1"]  # [moe layers, B, S]
     if top1.shape[0] > 1:
         out["top1_stability"] = jnp.mean((top1[1:] == top1[:-1]).astype(jnp.float32))

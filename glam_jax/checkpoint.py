@@ -1,13 +1,14 @@
 """Orbax checkpoints of the train state together with the data-iterator state.
 
 One step directory holds `state` (params, optimizer state, step, rng, model state such as the
-MoE expert bias; restored straight into their shardings) and `data` (the grain iterator state as JSON), so a resumed run continues
-with exactly the batch the interrupted one would have seen next. With several processes each
-reads its own part of the data; `allgather_json` collects every process's iterator state so the
-saved `data` item holds them all, and each process takes its own part back on restore. The
-model part of the config is stored beside the checkpoints; resuming with a different model shape
-fails in one sentence. A newest checkpoint that cannot be read (a save cut short, a disk that
-filled up) is skipped for the newest one that can, and a save refuses non-finite values.
+MoE expert bias; restored straight into their shardings) and `data` (the grain iterator state
+as JSON), so a resumed run continues with exactly the batch the interrupted one would have seen
+next. With several processes each reads its own part of the data; `allgather_json` collects
+every process's iterator state so the saved `data` item holds them all, and each process takes
+its own part back on restore. The model part of the config is stored beside the checkpoints;
+resuming with a different model shape fails in one sentence. A newest checkpoint that cannot be
+read (a save cut short, a disk that filled up) is skipped for the newest one that can, and a
+save refuses non-finite values.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from glam_jax.errors import GlamError
+from glam_jax.presets.base import get_base_config
 from glam_jax.steps import TrainState, all_finite
 
 # Config fields that change parameter shapes or meaning; a workdir is tied to them.
@@ -44,7 +45,16 @@ SHAPE_FIELDS = {
         "tie_embeddings",
         "norm",
     ),
-    "moe": ("num_experts", "every", "moe_index_in_block", "expert_mlp_dim", "router"),
+    "moe": (
+        "num_experts",
+        "every",
+        "moe_index_in_block",
+        "expert_mlp_dim",
+        "router",
+        "num_shared_experts",
+        "shared_expert_mlp_dim",
+        "shared_expert_gate",
+    ),
 }
 
 
@@ -155,11 +165,17 @@ class Checkpointer:
         if os.path.exists(self._config_path):
             with open(self._config_path) as f:
                 stored = json.load(f)
+            # A field added after the workdir was written held its default value there.
+            defaults = get_base_config()
+            recorded = {
+                part: {key: stored.get(part, {}).get(key, defaults[part][key]) for key in keys}
+                for part, keys in SHAPE_FIELDS.items()
+            }
             diffs = [
-                f"{part}.{key}: checkpoint {stored.get(part, {}).get(key)!r} vs config {value!r}"
+                f"{part}.{key}: checkpoint {recorded[part][key]!r} vs config {value!r}"
                 for part, fields in current.items()
                 for key, value in fields.items()
-                if stored.get(part, {}).get(key) != value
+                if recorded[part][key] != value
             ]
             if diffs:
                 raise CheckpointError(

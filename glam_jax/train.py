@@ -176,6 +176,10 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
         )
         if key in metrics
     }
+    if "expert_bias" in row:  # float32 written as its shortest decimal (0.003, not 0.00300000002)
+        bias = row["expert_bias"].astype(np.float32)
+        shortest = [float(np.format_float_positional(v, unique=True)) for v in bias.ravel()]
+        row["expert_bias"] = np.asarray(shortest).reshape(bias.shape)
     row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     if mfu_denominator:
         row["mfu"] = row["tokens_per_s"] / mfu_denominator

@@ -7,11 +7,13 @@ bitwise onto another mesh, and is updated the same with remat or unrolled layers
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
-from glam_jax import checkpoint, config_checks, optim, sharding, steps
+from glam_jax import checkpoint, config_checks, optim, sharding, steps, train
 from glam_jax.moe.capacity import MoEError
 from tests.helpers import random_batch, tiny_config
 
@@ -161,3 +163,13 @@ def test_a_router_that_ignores_the_bias_is_refused():
     config.moe.router, config.moe.num_selected = "gshard_top2", 2
     with pytest.raises(config_checks.ConfigError, match="expert_bias_update_rate=0.01 needs"):
         config_checks.check_model(config)
+
+
+def test_metrics_rows_carry_the_bias_and_the_max_over_mean_load(runs):
+    metrics = runs[GAMMA][1][-1]
+    row = train._log_row(metrics, 1.0, 1, None)
+    load = np.asarray(metrics["expert_load"])
+    np.testing.assert_allclose(row["expert_load_max_over_mean"], load.max(-1) / load.mean(-1))
+    bias = np.asarray(metrics["expert_bias"])
+    assert np.array_equal(row["expert_bias"].astype(np.float32), bias)  # the same float32s
+    assert len(json.dumps(row["expert_bias"].tolist())) < len(json.dumps(bias.tolist()))

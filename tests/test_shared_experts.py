@@ -135,3 +135,17 @@ def test_counts_include_the_shared_expert_as_activated():
     forward = 2 * matmul + 2 * 2 * (s / 2) * heads * d * layers
     assert counts.flops_per_token_forward == pytest.approx(forward, rel=1e-12)
     assert counts.flops_per_token == pytest.approx(3 * forward, rel=1e-12)
+
+
+def test_gpu_bench_fine_grained_moe_and_its_dense_twin_have_equal_activated_flops():
+    """configs/glam_gpu_bench.py: 64 experts of H/4, top-6, 2 shared vs dense H=12288: the
+    same FLOPs per token but for the fine-grained model's routers (M x 64 per MoE layer)."""
+    from configs import glam_gpu_bench
+
+    fine = glam_gpu_bench.get_config(
+        "moe+experts=64+ewidth=2048+k=6+shared=2+router=topk_softmax+dispatch=dropless"
+    )
+    twin = glam_gpu_bench.get_config("dense+mlp=12288")
+    routers = fine.model.num_layers // 2 * fine.model.embed_dim * 64
+    got = flops.count(fine).flops_per_token - flops.count(twin).flops_per_token
+    assert got == pytest.approx(3 * 2 * routers, rel=1e-9)  # training = 3 x 2 x weights

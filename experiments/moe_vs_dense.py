@@ -31,8 +31,11 @@ from glam_jax import cli
 from glam_jax.study_report import (
     StudyError,
     arm_record,
+    distill_record,
     load_study,
     merge_arm,
+    merge_distill,
+    merge_rerun,
     run_name,
     write_report,
 )
@@ -53,6 +56,15 @@ _SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for ever
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Rebuild plots/table from the JSON.")
 _MERGE = flags.DEFINE_list(
     "merge", [], "Study JSON files whose runs join this study's (later files win per run)."
+)
+_RERUNS = flags.DEFINE_list(
+    "merge_reruns", [], "Study JSON files whose runs repeat this study's (kept beside them)."
+)
+_DISTILL = flags.DEFINE_list(
+    "distill_results",
+    [],
+    "distill_result.json files of experiments/distill.py (a metrics.jsonl beside one gives "
+    "the student's curve).",
 )
 _PREPARE_ONLY = flags.DEFINE_bool("prepare_only", False, "Prepare the data, report, stop.")
 _MEASURE_PIPELINE = flags.DEFINE_integer(
@@ -209,6 +221,16 @@ def run_study() -> None:
             raise StudyError(f"--merge names {path!r}, which is not an existing file.")
         for record in json.loads(Path(path).read_text()).get("arms", []):
             merge_arm(study, record)
+    for path in _RERUNS.value:
+        if not os.path.isfile(path):
+            raise StudyError(f"--merge_reruns names {path!r}, which is not an existing file.")
+        for record in json.loads(Path(path).read_text()).get("arms", []):
+            merge_rerun(study, record)
+    for path in _DISTILL.value:
+        if not os.path.isfile(path):
+            raise StudyError(f"--distill_results names {path!r}, which is not an existing file.")
+        result = json.loads(Path(path).read_text())
+        merge_distill(study, distill_record(result, Path(path).parent / "metrics.jsonl"))
     if _REPORT_ONLY.value:
         write_report(study, out)
         print(f"Rebuilt the report in {out} from {len(study['arms'])} runs.")

@@ -115,7 +115,8 @@ def summarise(study: dict) -> dict:
     MoE arm of seed 0, plus the same ratios for every seed that has both runs."""
     arms = study["arms"]
     dense = {a["seed"]: a for a in arms if a["arm"] == "dense"}
-    study.setdefault("distill_retained_fraction", None)  # set by experiments/distill.py runs
+    _summarise_distillation(study)
+    _summarise_reruns(study)
     if not dense:
         return study
     base = dense.get(0) or dense[min(dense)]
@@ -160,6 +161,75 @@ def summarise(study: dict) -> dict:
     return study
 
 
+# The recipe the issue names as the distillation default (Switch section 5): its run gives the
+# headline `distill_retained_fraction`; other recipes are reported beside it.
+DEFAULT_DISTILL = dict(hard_weight=0.25, soft_weight=0.75, temperature=1.0, init_from_teacher=True)
+
+
+def _summarise_distillation(study: dict) -> None:
+    """`distill_retained_fraction` from the default-recipe student, else None."""
+    runs = study.setdefault("distillation", [])
+    default = [d for d in runs if all(d.get(k) == v for k, v in DEFAULT_DISTILL.items())]
+    study["distill_retained_fraction"] = default[-1]["retained_fraction"] if default else None
+
+
+def _summarise_reruns(study: dict) -> None:
+    """For each repeat of a run (same arm, seed and command, another process or machine), its
+    final loss minus the study's run: run-to-run noise that a seed does not control on GPUs
+    (non-deterministic reductions, autotuned kernels)."""
+    by_key = {(a["arm"], a["seed"]): a for a in study["arms"]}
+    rows = []
+    for r in study.setdefault("reruns", []):
+        base = by_key.get((r["arm"], r["seed"]))
+        if base is not None:
+            rows.append(
+                {
+                    "run": run_name(r["arm"], r["seed"]),
+                    "study_loss": base["final_eval_loss"],
+                    "rerun_loss": r["final_eval_loss"],
+                    "delta": r["final_eval_loss"] - base["final_eval_loss"],
+                    "study_step_time_s": base["step_time_s"],
+                    "rerun_step_time_s": r["step_time_s"],
+                }
+            )
+    study["rerun_spread"] = rows
+
+
+def distill_record(result: dict, metrics_path: Path | None) -> dict:
+    """A distill_result.json (experiments/distill.py) for the study JSON, with the student's
+    held-out curve from the metrics.jsonl written beside it, if any."""
+    record = {k: v for k, v in result.items() if k != "fresh_params"}
+    record["fresh_param_count"] = len(result.get("fresh_params") or [])
+    if metrics_path is not None and metrics_path.is_file():
+        _, eval_rows = read_metrics(metrics_path)
+        record["eval_curve"] = {
+            "step": [int(r["step"]) for r in eval_rows],
+            "eval_loss": [r["eval_loss"] for r in eval_rows],
+        }
+    return record
+
+
+def merge_distill(study: dict, record: dict) -> None:
+    """Replaces the student with the same workdir and recipe, else appends."""
+
+    def key(d):
+        return (d["workdir"], *(d.get(k) for k in DEFAULT_DISTILL))
+
+    runs = study.setdefault("distillation", [])
+    study["distillation"] = [d for d in runs if key(d) != key(record)] + [record]
+
+
+def merge_rerun(study: dict, record: dict) -> None:
+    """Adds a repeat of a run, unless the same record (arm, seed, command, loss) is there."""
+
+    def key(a):
+        return (a["arm"], a["seed"], a["command"], a["final_eval_loss"])
+
+    reruns = study.setdefault("reruns", [])
+    if key(record) not in {key(a) for a in reruns}:
+        reruns.append(record)
+
+
 def _ratios(arm: dict, dense: dict) -> tuple[float | None, float | None]:
     """(steps, wall-clock) an arm needs to reach `dense`'s final loss, as fractions of dense's."""
     steps = steps_to_reach(arm["eval_curve"], dense["final_eval_loss"])
@@ -192,7 +262,47 @@ def markdown_table(study: dict) -> str:
             f"{_fmt(a.get('steps_to_dense_loss'), '.0f')} | "
             f"{_fmt(a.get('wallclock_to_dense_loss_s'), '.0f')} |"
         )
+    return head + "\n".join(rows) + "\n" + _distill_table(study) + _rerun_table(study)
+
+
+def _distill_table(study: dict) -> str:
+    """One row per distilled student: recipe, the three held-out losses, the retained share."""
+    runs = study.get("distillation") or []
+    if not runs:
+        return ""
+    head = (
+        "\n| student | init from teacher | hard / soft / T | steps | student loss | "
+        "teacher loss | dense loss | retained fraction |\n|" + "---|" * 8 + "\n"
+    )
+    rows = [
+        f"| {Path(d['workdir']).name} | {'yes' if d['init_from_teacher'] else 'no'} | "
+        f"{d['hard_weight']} / {d['soft_weight']} / {d['temperature']} | {d['steps']} | "
+        f"{d['student_eval_loss']:.4f} | {d['teacher_eval_loss']:.4f} | "
+        f"{_fmt(d['dense_eval_loss'], '.4f')} | {_fmt(d['retained_fraction'], '.2f')} |"
+        for d in runs
+    ]
     return head + "\n".join(rows) + "\n"
+
+
+def _rerun_table(study: dict) -> str:
+    """Each repeated run beside the study's: the run-to-run noise of one seed."""
+    rows = study.get("rerun_spread") or []
+    if not rows:
+        return ""
+    head = (
+        "\n| repeated run | study loss | repeat loss | difference | study step | repeat step |"
+        "\n|" + "---|" * 6 + "\n"
+    )
+    return (
+        head
+        + "\n".join(
+            f"| {r['run']} | {r['study_loss']:.4f} | {r['rerun_loss']:.4f} | "
+            f"{r['delta']:+.4f} | {r['study_step_time_s'] * 1e3:.1f} ms | "
+            f"{r['rerun_step_time_s'] * 1e3:.1f} ms |"
+            for r in rows
+        )
+        + "\n"
+    )
 
 
 def plot(study: dict, out: Path) -> list[str]:
@@ -232,7 +342,37 @@ def plot(study: dict, out: Path) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(str(path))
+    if any("eval_curve" in d for d in study.get("distillation") or []):
+        written.append(_plot_distillation(study, out, plt))
     return written
+
+
+def _plot_distillation(study: dict, out: Path, plt) -> str:
+    """Each student's held-out curve beside the final losses of its teacher and dense run."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    runs = [d for d in study["distillation"] if "eval_curve" in d]
+    for i, d in enumerate(runs):
+        label = f"student ({'teacher init' if d['init_from_teacher'] else 'from scratch'})"
+        ax.plot(
+            d["eval_curve"]["step"], d["eval_curve"]["eval_loss"], color=f"C{i + 2}", label=label
+        )
+    ref = runs[-1]
+    ax.axhline(ref["teacher_eval_loss"], color="C1", ls="--", label="teacher (MoE), final")
+    if ref["dense_eval_loss"] is not None:
+        ax.axhline(ref["dense_eval_loss"], color="C0", ls="--", label="dense baseline, final")
+    losses = [x for d in runs for x in d["eval_curve"]["eval_loss"]]
+    low = min(losses + [ref["teacher_eval_loss"]])
+    ax.set_ylim(low - 0.05 * abs(low), low + 1.0)
+    ax.set_xlabel("student training step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Distilling the MoE teacher into a dense student")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = out / "moe_vs_dense_distillation.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def write_report(study: dict, out: Path) -> None:

@@ -117,6 +117,72 @@ def test_headline_ratios_pair_each_seed_with_its_dense_run():
     assert study["seed_spread"]["dense"]["range"] == pytest.approx(0.2)
 
 
+def test_distillation_and_repeats_join_the_report(tmp_path):
+    """The default-recipe student gives the headline fraction; repeats are compared with the
+    study's run of the same arm and seed; both reach the table and a plot."""
+    base = {
+        "arm": "dense",
+        "seed": 0,
+        "experts": 0,
+        "router": "",
+        "k": 0,
+        "total_params": 1e6,
+        "activated_params": 1e6,
+        "flops_per_token": 6e6,
+        "tokens": 1000,
+        "steps": 200,
+        "step_time_s": 0.1,
+        "train_wallclock_s": 20.0,
+        "mfu": 0.4,
+        "eval_curve": curve([4.0, 3.0]),
+        "final_eval_loss": 3.0,
+        "command": "train dense",
+    }
+    repeat = dict(base, final_eval_loss=2.9, step_time_s=0.11, eval_curve=curve([4.0, 2.9]))
+    student = {
+        "workdir": "/runs/student",
+        "hard_weight": 0.25,
+        "soft_weight": 0.75,
+        "temperature": 1.0,
+        "init_from_teacher": True,
+        "steps": 200,
+        "student_eval_loss": 2.95,
+        "teacher_eval_loss": 2.8,
+        "dense_eval_loss": 3.0,
+        "retained_fraction": 0.25,
+        "fresh_params": ["blocks_0/layer_1/ffn/wo"],
+    }
+    other = dict(student, workdir="/runs/scratch", init_from_teacher=False, retained_fraction=0.1)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        json.dumps({"step": 100, "loss": 4.1})
+        + "\n"
+        + json.dumps({"step": 100, "eval_loss": 3.3})
+        + "\n"
+        + json.dumps({"step": 200, "eval_loss": 2.95})
+        + "\n"
+    )
+    study = {"arms": [base]}
+    study_report.merge_rerun(study, repeat)
+    study_report.merge_rerun(study, repeat)  # the same record twice is kept once
+    study_report.merge_distill(study, study_report.distill_record(other, None))
+    study_report.merge_distill(study, study_report.distill_record(student, metrics))
+    study_report.merge_distill(study, study_report.distill_record(student, metrics))
+    study_report.write_report(study, tmp_path)
+
+    saved = json.loads((tmp_path / study_report.JSON_NAME).read_text())
+    assert saved["distill_retained_fraction"] == 0.25  # the default recipe's, not the other's
+    assert len(saved["distillation"]) == 2 and len(saved["reruns"]) == 1
+    assert saved["distillation"][1]["eval_curve"] == curve([3.3, 2.95])
+    assert saved["distillation"][1]["fresh_param_count"] == 1
+    (row,) = saved["rerun_spread"]
+    assert row["run"] == "dense_s0" and row["delta"] == pytest.approx(-0.1)
+    table = (tmp_path / "moe_vs_dense_table.md").read_text()
+    assert "| student | yes | 0.25 / 0.75 / 1.0 | 200 | 2.9500 | 2.8000 | 3.0000 | 0.25 |" in table
+    assert "| dense_s0 | 3.0000 | 2.9000 | -0.1000 |" in table
+    assert (tmp_path / "moe_vs_dense_distillation.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -126,6 +192,7 @@ def test_headline_ratios_pair_each_seed_with_its_dense_run():
         (["--runs=dense"], "--workdir is required"),
         (["--scale=tiny", "--set=data.vocab_size=512", "--workdir=/tmp/unused_mvd"], "not a field"),
         (["--report_only", "--merge=/nonexistent/study.json"], "not an existing file"),
+        (["--report_only", "--distill_results=/nonexistent.json"], "not an existing file"),
     ],
 )
 def test_bad_flags_get_one_sentence(tmp_path, args, words):

@@ -8,10 +8,12 @@ bitwise onto another mesh, and is updated the same with remat or unrolled layers
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
+from flax import struct
 
 from glam_jax import checkpoint, config_checks, optim, sharding, steps, train
 from glam_jax.moe.capacity import MoEError
@@ -173,3 +175,31 @@ def test_metrics_rows_carry_the_bias_and_the_max_over_mean_load(runs):
     bias = np.asarray(metrics["expert_bias"])
     assert np.array_equal(row["expert_bias"].astype(np.float32), bias)  # the same float32s
     assert len(json.dumps(row["expert_bias"].tolist())) < len(json.dumps(bias.tolist()))
+
+
+def test_a_checkpoint_from_before_model_state_restores_where_the_bias_is_off(tmp_path):
+    """A TrainState saved without the model_state field (every checkpoint before issue 17)."""
+
+    @struct.dataclass
+    class OldTrainState:
+        step: Any
+        params: Any
+        opt_state: Any
+        rng: Any
+        nonfinite_steps: Any
+        nonfinite_streak: Any
+
+    config = tiny_config()
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    model, tx = steps.build_model(config), optim.make_optimizer(config.train)
+    state, _ = steps.create_train_state(config, model, tx, mesh)
+    old = OldTrainState(**{f: getattr(state, f) for f in OldTrainState.__dataclass_fields__})
+    ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+    ckpt.save(1, old, {})
+    ckpt.wait()
+    abstract, _ = steps.abstract_state(config, model, tx, mesh)
+    restored, _ = ckpt.restore(abstract)
+    ckpt.close()
+    assert ckpt.unreadable == [] and restored.model_state == {}
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

@@ -146,6 +146,8 @@ def check_mixtral(config) -> None:
         "model.tie_embeddings": (m.tie_embeddings, False),
         "moe.every": (e.every, 1),
         "moe.router": (e.router, "topk_softmax"),
+        "moe.num_shared_experts": (e.num_shared_experts, 0),  # Mixtral has none (issue 18)
+        "moe.expert_bias_update_rate": (e.expert_bias_update_rate, 0.0),
         "model.scan_layers": (m.scan_layers, True),  # the converters read stacked layers
     }
     wrong = [f"{k}={v!r} (needs {w!r})" for k, (v, w) in wanted.items() if v != w]

@@ -31,14 +31,14 @@ class MoEFFN(nn.Module):
         return model.FFN_KINDS["moe"](self.config, self.train, lambda cls: cls)(h_btm)
 
 
-def config(path="einsum", gate="sigmoid", **moe):
+def config(path="einsum", gate="sigmoid", router="topk_softmax", **moe):
     return exact_moe_config(
         M,
         H,
         num_experts=E,
         num_selected=K,
         expert_mlp_dim=HE,
-        router="topk_softmax",
+        router=router,
         dispatch=path,
         group_size=16,
         capacity_factor_train=100.0,
@@ -84,14 +84,29 @@ def test_shared_expert_adds_a_numpy_gated_ffn(gate):
     assert float(np.std(ref)) > 0.1 and "expert_load" in stats
 
 
-def test_paths_agree_with_shared_and_fine_grained_experts_at_k8():
+# DeepSeek-V3's scoring on top: sigmoid scores, 4 groups of which 2 are kept (top-2 sum),
+# renormalised and scaled gates.
+DEEPSEEK = dict(
+    router="group_topk",
+    router_score="sigmoid",
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    num_groups=4,
+    topk_groups=2,
+    group_score="top2_sum",
+)
+
+
+@pytest.mark.parametrize("routing", [{}, DEEPSEEK], ids=["topk_softmax", "deepseek_sigmoid"])
+def test_paths_agree_with_shared_and_fine_grained_experts_at_k8(routing):
     """einsum, sort and dropless: same outputs and gradients (1e-5) with shared experts, k=8 of
-    16 experts of width 8 (model.mlp_dim 32), nothing dropped."""
+    16 experts of width 8 (model.mlp_dim 32), nothing dropped; with Mixtral's softmax router
+    and with DeepSeek-V3's sigmoid, group-limited one."""
     x, cot = jax.random.normal(jax.random.key(2), (2, 2, 16, M))
-    params = random_params(config(), x)
+    params = random_params(config(**routing), x)
     results = {}
     for path in dispatch.DISPATCHES:
-        module = MoEFFN(config(path), train=True)
+        module = MoEFFN(config(path, **routing), train=True)
 
         def loss(p, module=module):
             y, st = module.apply({"params": p}, x, rngs={"routing": jax.random.key(3)})

@@ -62,8 +62,8 @@ def config_for_source(
 
 
 def params_from_hf(path: str, mesh: Mesh, config: ml_collections.ConfigDict | None = None):
-    """(config, params) of a Hugging Face Mixtral directory (see hf_checkpoint)."""
-    return hf_checkpoint.load_mixtral(path, mesh, config)
+    """(config, params) of a Hugging Face directory of any supported family (see hf_checkpoint)."""
+    return hf_checkpoint.load(path, mesh, config)
 
 
 def tokenizer_path(

@@ -203,3 +203,29 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     m.param_dtype = m.dtype = dtype if dtype in DTYPES else "float32"
     config.train.seq_len = min(config.train.seq_len, m.max_len)
     return config
+
+
+def preset(
+    hf: dict, *, paper_name: str = "", total: float = 0.0, activated: float = 0.0
+) -> ml_collections.ConfigDict:
+    """A family preset from its config.json fields: a published model (with its published
+    totals for param_count, bfloat16 like the released weights) or, without `paper_name`, a
+    CPU-sized float32 model that trains like glam_tiny."""
+    config = config_from_hf(hf)
+    t, e = config.train, config.moe
+    if paper_name:
+        config.model.dtype = config.model.param_dtype = "bfloat16"
+        t.seq_len = min(4096, config.model.max_len)  # sets the attention FLOPs param_count prints
+        t.batch_size = t.eval_batch_size = 256
+        e.group_size = t.seq_len  # one routing group per row
+        config.paper = ml_collections.ConfigDict()  # published figures, printed by param_count
+        config.paper.name = paper_name
+        config.paper.total_params = total
+        config.paper.activated_params = activated
+        config.paper.convention = "as_built"  # the published totals count all three matrices
+        return config
+    e.group_size = 256  # tokens per routing group (<= tokens per device)
+    t.batch_size, t.eval_batch_size, t.seq_len = 16, 32, 128
+    t.steps, t.learning_rate, t.warmup_steps = 600, 0.05, 50
+    t.log_every, t.eval_every, t.checkpoint_every = 25, 200, 200
+    return config

@@ -123,7 +123,12 @@ def layer_kinds(hf: dict, family: Family, num_layers: int) -> list[str]:
 
 
 def _experts(hf: dict, family: Family) -> int:
-    return int(hf.get(family.experts_field) or 0)
+    """Routed experts; transformers 5 writes Qwen3-MoE's as num_local_experts (an alias of the
+    published num_experts), so either name is read."""
+    for field in (family.experts_field, "num_experts", "num_local_experts"):
+        if hf.get(field) is not None:
+            return int(hf[field])
+    return 0
 
 
 def set_layer_kinds(config: ml_collections.ConfigDict, kinds: list[str]) -> None:

@@ -323,7 +323,6 @@ def test_generate_cli_runs_on_a_qwen2_moe_directory(tmp_path):
             f"--hf_dir={hf_dir}",
             "--max_new_tokens=3",
             "--warmup=0",
-            "--mesh=1,1,1",
             "--prompt=ROMEO:",
             "--ignore_eos",
             "--json",
@@ -334,5 +333,5 @@ def test_generate_cli_runs_on_a_qwen2_moe_directory(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert (out["batch"], out["new_tokens_per_row"]) == (1, 3)
+    assert (out["batch"], out["new_tokens_per_row"], out["num_devices"]) == (1, 3, 8)
     assert len(out["outputs"][0]) == 3

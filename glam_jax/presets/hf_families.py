@@ -46,6 +46,7 @@ class Family:
     shared_expert: bool  # a sigmoid-gated shared expert in every MoE layer (Qwen2-MoE)
     sparse_layers: bool  # decoder_sparse_step / mlp_only_layers may make layers dense
     default_rope_theta: float  # when config.json states none (the transformers default)
+    _: dataclasses.KW_ONLY
     sliding_window: bool = False  # config.json's sliding_window applies to every layer
     qkv_bias_field: str = ""  # config.json field switching q/k/v biases (default True)
     # config.json fields that must have these values (features glam_jax does not build).
@@ -61,20 +62,20 @@ FAMILIES = {
     "olmoe": Family(
         "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
         "intermediate_size", "topk", "projection", False, False, 1e4,
-        (
+        unsupported=(
             ("clip_qkv", None, "clipping q/k/v is not supported"),
             ("attention_bias", False, "attention biases are not supported for OLMoE"),
         ),
     ),
     "qwen2_moe": Family(
         "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
-        "moe_intermediate_size", "topk", "none", True, True, 1e4, _NO_SLIDING,
+        "moe_intermediate_size", "topk", "none", True, True, 1e4, unsupported=_NO_SLIDING,
         qkv_bias_field="qkv_bias",
     ),
     "qwen3_moe": Family(
         "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
         "moe_intermediate_size", "topk", "head", False, True, 1e4,
-        (*_NO_SLIDING, ("attention_bias", False, "attention biases are not supported")),
+        unsupported=(*_NO_SLIDING, ("attention_bias", False, "attention biases are not supported")),
     ),
 }  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Generates text with a KV cache from a glam_jax workdir, a Hugging Face Mixtral directory, or
+"""Generates text with a KV cache from a glam_jax workdir, a Hugging Face directory (Mixtral,
+OLMoE, Qwen1.5/2/3-MoE: glam_jax/hf_checkpoint.py), or
 random weights (for throughput), and reports tokens/s and time per output token.
 
 python experiments/generate.py --config=configs/glam_tiny.py --workdir=/tmp/glam_tiny \
@@ -44,7 +45,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "", "A glam_jax training workdir to restore.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: latest).")
-_HF_DIR = flags.DEFINE_string("hf_dir", "", "A Hugging Face Mixtral directory to import.")
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", "", "A Hugging Face directory to import (Mixtral, OLMoE, Qwen MoE)."
+)
 _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Random weights (throughput only).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "SentencePiece .model (else the source's).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")

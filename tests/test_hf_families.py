@@ -259,6 +259,27 @@ def test_unsupported_feature_is_refused(copy, family, change, named):
     _refused(path, named)
 
 
+def _add_tensor(path: str, key: str, value: np.ndarray) -> None:
+    shard = os.path.join(path, "model-00001-of-00002.safetensors")
+    with safe_open(shard, framework="np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, key: value}, shard)
+    os.remove(os.path.join(path, hf_checkpoint.INDEX_FILE))
+
+
+def test_a_tied_head_may_be_stored_but_must_equal_the_embedding(copy):
+    """Qwen3 fixture: tie_word_embeddings=true, so lm_head.weight is optional."""
+    embedding = _tensors(fixture_dir("qwen3_moe"))["model.embed_tokens.weight"]
+    same = copy("qwen3_moe")
+    _add_tensor(same, "lm_head.weight", embedding)
+    config, params = hf_checkpoint.load(same)
+    assert config.model.tie_embeddings and "logits" not in params
+    other = same + "_other"
+    shutil.copytree(fixture_dir("qwen3_moe"), other)
+    _add_tensor(other, "lm_head.weight", embedding + 1.0)
+    _refused(other, "lm_head.weight differs from model.embed_tokens.weight")
+
+
 def test_a_config_of_another_family_is_refused(copy):
     olmoe_path = copy("olmoe")
     config, _ = imported("qwen3_moe")

@@ -92,6 +92,8 @@ def _family_mismatches(config, family: Family) -> list[str]:
         "moe.router": (e.router, family.router),
         "model.qk_norm": (m.qk_norm, family.qk_norm),
         "moe.num_shared_experts": (e.get("num_shared_experts", 0), int(family.shared_expert)),
+        # The auxiliary-loss-free bias steers the routing; no family's layout has it.
+        "moe.expert_bias_update_rate": (e.get("expert_bias_update_rate", 0.0), 0.0),
     }
     if family.shared_expert:
         wanted["moe.shared_expert_gate"] = (e.get("shared_expert_gate"), "sigmoid")

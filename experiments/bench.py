@@ -142,8 +142,9 @@ def bench_gmm() -> list[dict]:
 
     tokens x topk rows over `experts` groups (multinomial sizes), [embed] -> [mlp]: forward
     x @ w[g], input gradient dy @ w[g]^T and weight gradient x_g^T dy_g, for jax's ragged
-    Mosaic-GPU kernels (`mgpu`, unpadded groups) and ours (`blocked`, groups padded to whole
-    row tiles). Device time per call from a profiler trace; TFLOP/s count useful rows only.
+    Mosaic-GPU kernels (`mgpu`, unpadded groups), ours (`blocked`, groups padded to whole
+    row tiles) and, where installed, tokamax's (`tokamax`, unpadded groups). Device time per
+    call from a profiler trace; TFLOP/s count useful rows only.
     """
     import jax
     import jax.numpy as jnp
@@ -189,6 +190,7 @@ def bench_gmm() -> list[dict]:
             (xb, dyb),
         ),
     }
+    cases.update(_tokamax_gmm_cases(x, w, dy, sizes))
     flops = 2 * p * m * h
     padded_rows = int(tiles_used) * bg.BLOCK_ROWS
     print(f"  {p} rows in {e} groups; blocked layout computes {padded_rows} rows", flush=True)
@@ -217,6 +219,36 @@ def bench_gmm() -> list[dict]:
         )
         print(f"  {op:12s} {impl:8s} {sec * 1e3:8.3f} ms  {tf:7.1f} TFLOP/s", flush=True)
     return rows
+
+
+def _tokamax_gmm_cases(x, w, dy, sizes) -> dict:
+    """Google's tokamax `ragged_dot_general` (Mosaic GPU kernels on sm90) on the same three
+    products as our kernels, over unpadded groups: forward x @ w[g], input gradient dy @ w[g]^T
+    (contracting w's last dimension, no transposed copy) and weight gradient x_g^T dy_g (the
+    rows are ragged in the contracting dimension). Empty when tokamax is not installed."""
+    try:
+        import tokamax
+    except ImportError as err:
+        print(f"  tokamax not measured: {err}")
+        return {}
+    import jax
+
+    def general(contract, ragged_lhs, group_rhs):
+        numbers = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(contract, ([], [])),
+            lhs_ragged_dimensions=ragged_lhs,
+            rhs_group_dimensions=group_rhs,
+        )
+        return lambda a, b: tokamax.ragged_dot_general(
+            a, b, sizes, numbers, implementation="mosaic"
+        )
+
+    print(f"  tokamax {tokamax.__version__}", flush=True)
+    return {
+        ("forward", "tokamax"): (general(([1], [1]), [0], [0]), (x, w)),
+        ("input_grad", "tokamax"): (general(([1], [2]), [0], [0]), (dy, w)),
+        ("weight_grad", "tokamax"): (general(([0], [0]), [0], []), (x, dy)),
+    }
 
 
 def bench_gmm_tune() -> list[dict]:

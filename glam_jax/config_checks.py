@@ -158,9 +158,9 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     complaint = spec.check(moe)  # the router's own rules (RouterSpec.check)
     _need(complaint is None, complaint or "")
     _need(
-        not (moe.expert_exchange == "all_to_all" and moe.dispatch == "dropless"),
-        "moe.expert_exchange='all_to_all' exchanges fixed-capacity buffers, so it needs "
-        "moe.dispatch='einsum' or 'sort', not 'dropless'.",
+        not (moe.expert_exchange == "ragged_all_to_all" and moe.dispatch != "dropless"),
+        "moe.expert_exchange='ragged_all_to_all' sends variable numbers of rows, which only "
+        f"moe.dispatch='dropless' has; with moe.dispatch={moe.dispatch!r} use 'all_to_all'.",
     )
 
 
@@ -247,5 +247,15 @@ def check_run(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int
         tc.seq_len <= mc.max_len,
         f"train.seq_len={tc.seq_len} is larger than model.max_len={mc.max_len}, the longest "
         "sequence the model supports.",
+    )
+    _need(
+        not (
+            config.moe.num_experts
+            and config.moe.expert_exchange == "ragged_all_to_all"
+            and sharding.ways_on_mesh_shape("expert", mesh_shape) > 1
+            and jax.default_backend() == "cpu"
+        ),
+        "moe.expert_exchange='ragged_all_to_all' cannot run on CPU devices (XLA:CPU has no "
+        "ragged all-to-all); use 'all_to_all', which sends padded slots instead.",
     )
     _check_kernel(config, mesh_shape)

@@ -627,22 +627,31 @@ def buffer_rows(num_pairs: int, num_experts: int) -> int:
     return -(-worst // BLOCK_ROWS) * BLOCK_ROWS
 
 
-def block_layout(expert_p: jax.Array, num_experts: int) -> BlockLayout:
-    """The block-aligned layout of pairs whose experts are expert_p [P] (a stable sort)."""
+def block_layout(
+    expert_p: jax.Array, num_experts: int, valid_p: jax.Array | None = None
+) -> BlockLayout:
+    """The block-aligned layout of pairs whose experts are expert_p [P] (a stable sort).
+
+    valid_p [P] bool: pairs that are False (not dispatched, or the padding of an exchange
+    buffer) get no row (pair_row = R, a zero row for gather_rows), so no kernel computes them.
+    """
     (p,) = expert_p.shape
     rows = buffer_rows(p, num_experts)
-    counts_e = jnp.bincount(expert_p, length=num_experts).astype(jnp.int32)
+    key_p = expert_p if valid_p is None else jnp.where(valid_p, expert_p, num_experts)
+    counts_e = jnp.bincount(key_p, length=num_experts).astype(jnp.int32)  # drops key E
     padded_e = -(-counts_e // BLOCK_ROWS) * BLOCK_ROWS
     start_e = jnp.cumsum(padded_e) - padded_e
-    order_p = jnp.argsort(expert_p, stable=True)
-    sorted_e = expert_p[order_p]
+    order_p = jnp.argsort(key_p, stable=True)  # skipped pairs (key E) sort last
+    sorted_e = key_p[order_p]
+    in_e = jnp.minimum(sorted_e, num_experts - 1)
     first_sorted_e = jnp.cumsum(counts_e) - counts_e  # where each expert starts when unpadded
-    row_sorted = start_e[sorted_e] + jnp.arange(p, dtype=jnp.int32) - first_sorted_e[sorted_e]
+    row_sorted = start_e[in_e] + jnp.arange(p, dtype=jnp.int32) - first_sorted_e[in_e]
+    row_sorted = jnp.where(sorted_e < num_experts, row_sorted, rows)
     pair_row = jnp.zeros((p,), jnp.int32).at[order_p].set(row_sorted, unique_indices=True)
     row_pair = (
         jnp.full((rows,), p, jnp.int32)
         .at[pair_row]
-        .set(jnp.arange(p, dtype=jnp.int32), unique_indices=True)
+        .set(jnp.arange(p, dtype=jnp.int32), mode="drop", unique_indices=valid_p is None)
     )
     tile_start = jnp.arange(rows // BLOCK_ROWS, dtype=jnp.int32) * BLOCK_ROWS
     tile_expert = jnp.searchsorted(jnp.cumsum(padded_e), tile_start, side="right")

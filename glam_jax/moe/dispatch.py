@@ -81,10 +81,13 @@ class Experts:
 
 
 EGCM = ("expert", "expert_group", "capacity", "embed")
-# How dispatched buffers reach the devices holding their experts (capacity paths):
-# 'gspmd' lets XLA's partitioner choose the collectives from the sharding constraints;
-# 'all_to_all' exchanges them explicitly, GShard style (glam_jax.moe.exchange.expert_all_to_all).
-EXCHANGES = ("gspmd", "all_to_all")
+# How tokens reach the devices holding their experts. Capacity paths (einsum, sort): 'gspmd'
+# lets XLA's partitioner choose the collectives from the sharding constraints; 'all_to_all'
+# exchanges the buffers explicitly, GShard style (exchange.expert_all_to_all). Dropless:
+# 'gspmd' keeps each device's tokens home and all-gathers the expert weights
+# (exchange.per_shard_dropless); 'all_to_all' (padded slots) and 'ragged_all_to_all' (only the
+# real rows; not on XLA:CPU) send the tokens to their experts (exchange.expert_parallel_dropless).
+EXCHANGES = ("gspmd", "all_to_all", "ragged_all_to_all")
 
 
 def run_experts(x_egcm: jax.Array, experts: Experts) -> jax.Array:
@@ -132,12 +135,16 @@ def _dropless_sorted(
     g, t, m = x_gtm.shape
     e, k = experts.num_experts, expert_index_gtk.shape[-1]
     x_nm = x_gtm.reshape(g * t, m)
-    e_p = expert_index_gtk.reshape(-1)
+    # Pairs that are not dispatched get key E: sorted last and in no group, so never computed.
+    valid_p = dispatch_mask_gtk.reshape(-1)
+    e_p = jnp.where(valid_p, expert_index_gtk.reshape(-1), e)
     order_p = jnp.argsort(e_p, stable=True)
     xs_pm = jnp.take(x_nm, order_p // k, axis=0)
-    group_sizes_e = jnp.bincount(e_p, length=e)
+    group_sizes_e = jnp.bincount(e_p, length=e)  # drops key E
     ys_pm = experts.ragged(xs_pm, lambda x, w: ragged_dot(x, w, group_sizes_e))
     y_pm = jnp.zeros_like(ys_pm).at[order_p].set(ys_pm)
+    # rows outside every group are left undefined by some kernels: zero them, not 0 * value
+    y_pm = jnp.where(valid_p[:, None], y_pm, jnp.zeros((), y_pm.dtype))
     return _combine_pairs(y_pm, weights_gtk, dispatch_mask_gtk)
 
 
@@ -256,7 +263,9 @@ def dropless_dispatch(
 ):
     """No capacity: sort all (token, choice) pairs by expert and run a grouped matmul.
 
-    On a mesh each device does this for its own routing groups (exchange.per_shard_dropless).
+    On a mesh each device does this for its own routing groups: with the expert weights
+    gathered to it (moe.expert_exchange='gspmd'), or sending its pairs to the devices that
+    hold their experts ('all_to_all', 'ragged_all_to_all'): see EXCHANGES.
     fused_glu: with 'blocked', a gated FFN's two input matmuls and activation are one kernel.
     """
 
@@ -266,8 +275,18 @@ def dropless_dispatch(
             x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts, fused_glu
         )
 
-    return exchange.per_shard_dropless(
-        local, x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts
+    if experts.exchange == "gspmd":
+        return exchange.per_shard_dropless(
+            local, x_gtm, expert_index_gtk, weights_gtk, dispatch_mask_gtk, experts
+        )
+    return exchange.expert_parallel_dropless(
+        local,
+        x_gtm,
+        expert_index_gtk,
+        weights_gtk,
+        dispatch_mask_gtk,
+        experts,
+        ragged=experts.exchange == "ragged_all_to_all",
     )
 
 
@@ -292,7 +311,9 @@ def dropless_blocked_dispatch(
     g, t, m = x_gtm.shape
     e, k = experts.num_experts, expert_index_gtk.shape[-1]
     n, p = g * t, g * t * k
-    layout = block_grouped_matmul.block_layout(expert_index_gtk.reshape(p), e)
+    layout = block_grouped_matmul.block_layout(
+        expert_index_gtk.reshape(p), e, valid_p=dispatch_mask_gtk.reshape(p)
+    )
     token_r = jnp.where(layout.row_pair < p, layout.row_pair // k, n)  # n: a zero row
     xs_rm = gather_rows(x_gtm.reshape(n, m), token_r, layout.pair_row.reshape(n, k))
     glu = None

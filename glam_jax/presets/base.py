@@ -77,7 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.router_jitter = 0.0  # Switch multiplicative jitter eps on the router input (train only)
     e.noisy_gating = True  # noisy_topk: learned noise on the logits in training
     e.expert_dropout = 0.0  # dropout inside experts (Switch fine-tuning uses 0.4)
-    e.expert_exchange = "gspmd"  # 'gspmd' (XLA picks collectives) or 'all_to_all' (explicit)
+    e.expert_exchange = "gspmd"  # 'gspmd' (XLA picks collectives; dropless gathers the
+    # expert weights), 'all_to_all' (explicit; dropless: tokens to experts in padded slots) or
+    # 'ragged_all_to_all' (dropless only, real rows only; GPU/TPU): glam_jax/moe/dispatch.py
     e.ragged_matmul = "auto"  # dropless grouped matmul: 'auto' (fastest that runs here),
     # 'blocked' (Hopper kernels, experts padded to 128-row tiles), 'mgpu' (jax's ragged
     # Hopper kernels), 'xla' (lax.ragged_dot; XLA:GPU lowers it to a dense masked dot)

@@ -83,7 +83,8 @@ def _load(mesh_shape):
     tok = _TOKENIZER.value
     if _HF_DIR.value:
         config, params = pretrained.params_from_hf(_HF_DIR.value, mesh, config)
-        tok = tok or pretrained.tokenizer_path(None, hf_dir=_HF_DIR.value)
+        if not _RANDOM_PROMPTS.value:  # token-id prompts need no tokenizer
+            tok = tok or pretrained.tokenizer_path(None, hf_dir=_HF_DIR.value)
     elif _WORKDIR.value:
         params, step = pretrained.params_from_workdir(config, _WORKDIR.value, mesh, _STEP.value)
         logging.info("restored step %d", step)

@@ -80,8 +80,10 @@ def tokenizer_path(
         if os.path.isfile(path):
             return path
         raise PretrainedError(
-            f"{hf_dir} has no tokenizer.model; pass --tokenizer=path/to/tokenizer.model "
-            "(e.g. mistral_common/data/tokenizer.model.v1 for Mixtral)."
+            f"{hf_dir} has no SentencePiece tokenizer.model (OLMoE and Qwen ship a BPE "
+            "tokenizer.json, which glam_jax does not read); pass --tokenizer=path/to/"
+            "tokenizer.model (e.g. mistral_common/data/tokenizer.model.v1 for Mixtral) or "
+            "token-id prompts with --random_prompts."
         )
     data = config.data
     if data.tokenizer_path:

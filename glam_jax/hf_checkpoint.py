@@ -131,11 +131,6 @@ def family_for(config) -> str:
     )
 
 
-def check_mixtral(config) -> None:
-    """Raises unless `config` has a Hugging Face family layout (kept name: any family)."""
-    family_for(config)
-
-
 def hf_config(config) -> dict:
     """config.json of a glam_jax config in its family's fields (both RoPE field forms)."""
     model_type = family_for(config)

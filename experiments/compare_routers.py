@@ -4,7 +4,8 @@ python experiments/compare_routers.py --config=configs/glam_tiny.py --steps=150 
     --workdir=/tmp/compare_routers [--dispatches=einsum,sort,dropless]
 
 Writes <workdir>/results.json, <workdir>/compare_routers.png (eval loss curves and per-expert
-load) and prints a table. Each run keeps its own metrics.jsonl under <workdir>/<router>-<path>.
+load) and prints a table. Each run keeps its own metrics.jsonl under <workdir>/<run>-<path>.
+A run is a router with the settings its paper uses (RUNS), e.g. --routers=topk_sigmoid,group_topk.
 """
 
 from __future__ import annotations
@@ -24,23 +25,58 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/glam_tiny.py", "Bas
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/glam_compare_routers", "Output directory.")
 _STEPS = flags.DEFINE_integer("steps", 150, "Training steps per run.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 25, "Steps between evaluations.")
-_ROUTERS = flags.DEFINE_list("routers", list(routing.ROUTERS), "Routers to compare.")
+# Each compared run: name -> (moe.router, k, other moe.* fields as its paper sets them).
+# A router registered in routers.ROUTERS but not listed here runs as itself with k=2.
+RUNS = {
+    "gshard_top2": ("gshard_top2", 2, {}),
+    # Praxis: the 2nd expert drawn in proportion to the gates, gates renormalised after capacity
+    "gshard_top2_sampling": (
+        "gshard_top2",
+        2,
+        {"second_expert_policy": "sampling", "gate_norm": "after_capacity"},
+    ),
+    "switch_top1": ("switch_top1", 1, {"router_init_scale": 0.1}),  # Switch's smaller init
+    "topk_softmax": ("topk_softmax", 2, {}),
+    "topk": ("topk", 2, {}),  # OLMoE / Qwen2-MoE: softmax, top-k, no renormalisation
+    # DeepSeek-V3 scores without groups: sigmoid, top-k, renormalised, V3's sequence-wise loss
+    "topk_sigmoid": (
+        "topk",
+        2,
+        {"router_score": "sigmoid", "norm_topk_prob": True, "sequence_aux_loss_weight": 1e-4},
+    ),
+    # DeepSeek-V3 group-limited: 4 groups of 2 experts, the best 2 by the sum of their top 2
+    "group_topk": (
+        "group_topk",
+        2,
+        {
+            "router_score": "sigmoid",
+            "norm_topk_prob": True,
+            "num_groups": 4,
+            "topk_groups": 2,
+            "group_score": "top2_sum",
+            "sequence_aux_loss_weight": 1e-4,
+        },
+    ),
+    # Shazeer et al. use 0.1 for both of their losses
+    "noisy_topk": ("noisy_topk", 2, {"importance_loss_weight": 0.1, "load_loss_weight": 0.1}),
+    "expert_choice": ("expert_choice", 2, {}),
+}
+_ROUTERS = flags.DEFINE_list(
+    "routers",
+    list(dict.fromkeys([*RUNS, *routing.ROUTERS])),
+    f"Runs to compare: names of RUNS ({', '.join(RUNS)}) or of registered routers.",
+)
 _DISPATCHES = flags.DEFINE_list("dispatches", ["einsum"], "Dispatch paths to compare.")
 
-# Experts per token each router uses in the comparison (Switch is top-1 by definition).
-TOP_K = {"switch_top1": 1}
 
-
-def run_config(base, router: str, dispatch: str, workdir: str):
+def run_config(base, run: str, dispatch: str, workdir: str):
+    router, k, fields = RUNS.get(run, (run, 2, {}))
     config = base.copy_and_resolve_references()
     config.moe.router = router
     config.moe.dispatch = dispatch
-    config.moe.num_selected = TOP_K.get(router, 2)
-    if router == "switch_top1":
-        config.moe.router_init_scale = 0.1  # Switch's smaller router init
-    if router == "noisy_topk":
-        config.moe.importance_loss_weight = 0.1  # Shazeer et al. use 0.1 for both
-        config.moe.load_loss_weight = 0.1
+    config.moe.num_selected = k
+    for key, value in fields.items():
+        config.moe[key] = value
     config.train.steps = _STEPS.value
     config.train.eval_every = _EVAL_EVERY.value
     config.train.log_every = min(config.train.log_every, _EVAL_EVERY.value)
@@ -108,11 +144,12 @@ def main(argv) -> None:
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     results, skipped = [], []
-    for router in _ROUTERS.value:
+    for run in _ROUTERS.value:
         for dispatch in _DISPATCHES.value:
-            name = f"{router}-{dispatch}"
+            name = f"{run}-{dispatch}"
             run_dir = os.path.join(workdir, name)
-            config = run_config(_CONFIG.value, router, dispatch, workdir)
+            config = run_config(_CONFIG.value, run, dispatch, workdir)
+            router = config.moe.router
             try:
                 config_checks.check_model(config)
             except config_checks.ConfigError as err:

@@ -44,6 +44,9 @@ def enumerated_knobs() -> dict[str, Collection[str]]:
         "model.remat_scope": model.REMAT_SCOPES,
         "moe.router": routers.ROUTERS,
         "moe.second_expert_policy": routers.SECOND_EXPERT_POLICIES,
+        "moe.router_score": routers.ROUTER_SCORES,
+        "moe.group_score": routers.GROUP_SCORES,
+        "moe.gate_norm": capacity.GATE_NORMS,
         "moe.dispatch": dispatch.DISPATCHES,
         "moe.decode_dispatch": dispatch.DISPATCHES,
         "moe.capacity_convention": capacity.CAPACITY_CONVENTIONS,
@@ -74,6 +77,10 @@ LOWER_BOUNDS = {
     "moe.expert_mlp_dim": 0,
     "moe.group_size": 1,
     "moe.min_capacity": 0,
+    "moe.num_groups": 1,
+    "moe.topk_groups": 1,
+    "moe.routed_scaling_factor": 0,
+    "moe.sequence_aux_loss_weight": 0,
     "train.batch_size": 1,
     "train.eval_batch_size": 1,
     "train.seq_len": 1,
@@ -157,11 +164,68 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     )
     complaint = spec.check(moe)  # the router's own rules (RouterSpec.check)
     _need(complaint is None, complaint or "")
+    _check_routing_options(moe, spec)
     _need(
         not (moe.expert_exchange == "ragged_all_to_all" and moe.dispatch != "dropless"),
         "moe.expert_exchange='ragged_all_to_all' sends variable numbers of rows, which only "
         f"moe.dispatch='dropless' has; with moe.dispatch={moe.dispatch!r} use 'all_to_all'.",
     )
+
+
+def _check_routing_options(moe, spec: routers.RouterSpec) -> None:
+    """Routing zoo II knobs only where the chosen router honours them (RouterSpec flags)."""
+    scored_routers = [n for n, r in routers.ROUTERS.items() if r.scored]
+    if not spec.scored:
+        for knob, default in (
+            ("router_score", "softmax"),
+            ("norm_topk_prob", False),
+            ("routed_scaling_factor", 1.0),
+            ("sequence_aux_loss_weight", 0.0),
+        ):
+            _need(
+                moe[knob] == default,
+                f"moe.{knob}={moe[knob]!r} is not read by moe.router={moe.router!r}; "
+                f"set it to {default!r}, or use one of the routers {scored_routers}.",
+            )
+    _need(
+        moe.routed_scaling_factor > 0,
+        f"moe.routed_scaling_factor={moe.routed_scaling_factor} must be > 0 (1.0 = off).",
+    )
+    if not spec.grouped:
+        for knob in ("num_groups", "topk_groups"):
+            _need(
+                moe[knob] == 1,
+                f"moe.{knob}={moe[knob]} is not read by moe.router={moe.router!r}; set it to 1, "
+                "or use moe.router='group_topk'.",
+            )
+    bias_rate = moe.get("expert_bias_update_rate", 0.0)
+    bias_routers = [n for n, r in routers.ROUTERS.items() if r.choice_bias]
+    _need(
+        bias_rate <= 0 or spec.choice_bias,
+        f"moe.expert_bias_update_rate={bias_rate} needs a router that adds the bias to its "
+        f"top-k choice, but moe.router={moe.router!r}; use one of {bias_routers}, or rate 0.",
+    )
+    _need(
+        moe.second_expert_policy != "sampling" or moe.router == "gshard_top2",
+        f"moe.second_expert_policy='sampling' samples gshard_top2's second expert, but "
+        f"moe.router={moe.router!r}; use moe.router='gshard_top2' or policy 'random'.",
+    )
+    if moe.gate_norm == "after_capacity":
+        _need(
+            moe.router != "expert_choice",
+            "moe.gate_norm='after_capacity' renormalises each token's kept choices, but "
+            "moe.router='expert_choice' has no per-token choices; use 'before_capacity'.",
+        )
+        _need(
+            moe.num_selected > 1,
+            f"moe.gate_norm='after_capacity' with moe.num_selected={moe.num_selected} makes "
+            "every kept gate 1, so the router gets no gradient; use 'before_capacity' or k > 1.",
+        )
+        _need(
+            moe.routed_scaling_factor == 1.0,
+            f"moe.gate_norm='after_capacity' divides the gates by their sum, which undoes "
+            f"moe.routed_scaling_factor={moe.routed_scaling_factor}; use one or the other.",
+        )
 
 
 def _check_block(config: ml_collections.ConfigDict) -> None:

@@ -43,7 +43,7 @@ REMAT_POLICIES = {
 REMAT_SCOPES = ("block", "ffn")
 
 # Per-layer MoE stats that are summed over layers into the loss.
-LOSS_STATS = ("aux_loss", "z_loss", "importance_loss", "load_loss")
+LOSS_STATS = ("aux_loss", "z_loss", "importance_loss", "load_loss", "sequence_aux_loss")
 
 
 # Parameters the model reads only through `.astype(model.dtype)`, each once per layer: matmul

@@ -198,6 +198,7 @@ def loss_and_metrics(
         + moe.z_loss_weight * stats["z_loss"]
         + moe.importance_loss_weight * stats["importance_loss"]
         + moe.load_loss_weight * stats["load_loss"]
+        + moe.sequence_aux_loss_weight * stats["sequence_aux_loss"]
     )
     metrics = dict(stats, loss=loss, ce_loss=ce, logits_z_loss=logits_z, **extra)
     metrics["nll_sum"] = jnp.sum(nll_bt)

@@ -159,6 +159,7 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
             "z_loss",
             "importance_loss",
             "load_loss",
+            "sequence_aux_loss",
             "logits_z_loss",
             "soft_loss",
             "soft_kl",

@@ -1,7 +1,8 @@
 """How many tokens an expert takes: routing groups, per-expert capacity, and slot priority.
 
 Capacity and priority (first choices before second choices, then token order) are decided
-here, once, for every capacity-bound dispatch path, so they all drop exactly the same tokens.
+here, once, for every capacity-bound dispatch path, so they all drop exactly the same tokens;
+so is what the surviving gates weigh (`kept_gates`), for every path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import jax.numpy as jnp
 from glam_jax.errors import GlamError
 
 CAPACITY_CONVENTIONS = ("gshard", "praxis")
+# moe.gate_norm: the router's gates as they are ('before_capacity': the router normalised
+# them, Praxis' legacy_mtf_behavior, the default), or divided by the sum of the gates that
+# survived capacity ('after_capacity': Praxis' non-legacy mode).
+GATE_NORMS = ("before_capacity", "after_capacity")
 
 
 class MoEError(GlamError):
@@ -85,3 +90,20 @@ def assign_slots(
     position_gtk = jnp.swapaxes(rank_gn.reshape(g, k, t), 1, 2).astype(jnp.int32)
     kept_gtk = dispatch_mask_gtk & (position_gtk < capacity)
     return position_gtk, kept_gtk
+
+
+def kept_gates(weights_gtk: jax.Array, kept_gtk: jax.Array, gate_norm: str) -> jax.Array:
+    """The combine weights of the choices that got a slot (0 for the others).
+
+    'after_capacity' divides them by their sum per token, as Praxis' non-legacy top-2 gating
+    does (a token whose choices were all dropped keeps zeros). On the dropless path nothing
+    is dropped for capacity, so the sum runs over the dispatched choices (with GShard's
+    random second expert, a token whose second expert was not sent gets weight 1 on its first).
+    """
+    w_gtk = jnp.where(kept_gtk, weights_gtk, 0.0)
+    if gate_norm == "before_capacity":
+        return w_gtk
+    if gate_norm != "after_capacity":
+        raise ValueError(f"moe.gate_norm={gate_norm!r} is not valid; valid: {GATE_NORMS}.")
+    denom_gt1 = jnp.sum(w_gtk, axis=-1, keepdims=True)
+    return w_gtk / jnp.where(denom_gt1 > 0, denom_gt1, 1.0)

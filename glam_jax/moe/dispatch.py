@@ -28,7 +28,7 @@ from flax import struct
 
 from glam_jax.layers import activation_fn, constrain
 from glam_jax.moe import exchange
-from glam_jax.moe.capacity import assign_slots
+from glam_jax.moe.capacity import assign_slots, kept_gates
 from glam_jax.moe.routers import ExpertChoiceRouting, Routing
 
 DISPATCHES = ("einsum", "sort", "dropless")
@@ -365,6 +365,7 @@ class DispatchOptions:
     capacity: int  # slots per expert and group (capacity paths)
     ragged_matmul: str = "auto"  # moe.ragged_matmul (dropless)
     fused_glu: bool = True  # moe.fused_glu (dropless, 'blocked')
+    gate_norm: str = "before_capacity"  # moe.gate_norm (capacity.kept_gates), every path
 
 
 @struct.dataclass
@@ -382,9 +383,8 @@ def _capacity_path(fn):
     def run(x_gtm, r: Routing, experts: Experts, opts: DispatchOptions):
         e = experts.num_experts
         position_gtk, kept_gtk = assign_slots(r.expert_index, r.dispatch_mask, e, opts.capacity)
-        y_gtm = fn(
-            x_gtm, r.expert_index, r.combine_weights, kept_gtk, position_gtk, experts, opts.capacity
-        )
+        w_gtk = kept_gates(r.combine_weights, kept_gtk, opts.gate_norm)
+        y_gtm = fn(x_gtm, r.expert_index, w_gtk, kept_gtk, position_gtk, experts, opts.capacity)
         return y_gtm, kept_gtk
 
     return run
@@ -395,7 +395,7 @@ def _dropless_path(x_gtm, r: Routing, experts: Experts, opts: DispatchOptions):
     y_gtm = dropless_dispatch(
         x_gtm,
         r.expert_index,
-        r.combine_weights,
+        kept_gates(r.combine_weights, r.dispatch_mask, opts.gate_norm),
         r.dispatch_mask,
         experts,
         opts.ragged_matmul,

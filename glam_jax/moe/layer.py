@@ -73,6 +73,7 @@ class MoE(nn.Module):
                 rng=rng,
                 train=self.train,
                 options=moe,
+                sequence_length=s,
             )
         )
 
@@ -87,6 +88,7 @@ class MoE(nn.Module):
             capacity=capacity,
             ragged_matmul=moe.ragged_matmul,
             fused_glu=moe.fused_glu,
+            gate_norm=moe.gate_norm,
         )
         out = dispatch_lib.dispatch(x_gtm.astype(dtype_of(mc.dtype)), routing, experts, options)
 
@@ -152,6 +154,7 @@ def statistics(
         z_loss=routing.z_loss,
         importance_loss=routing.importance_loss,
         load_loss=routing.load_loss,
+        sequence_aux_loss=routing.sequence_aux_loss,
         expert_load=out.expert_load_e,
         dropped_fraction=out.dropped_fraction,
         router_entropy=entropy,

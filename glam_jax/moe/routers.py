@@ -25,7 +25,12 @@ from jax.scipy.stats import norm
 
 from glam_jax.moe.capacity import MoEError
 
-SECOND_EXPERT_POLICIES = ("random", "all")  # gshard_top2: sample the 2nd expert, or always send
+# gshard_top2's second expert: 'random' dispatches it with prob min(1, 2*g2) (GShard), 'all'
+# always sends it, 'sampling' draws it in training from the other experts in proportion to
+# their gates (Praxis, Gumbel-max).
+SECOND_EXPERT_POLICIES = ("random", "all", "sampling")
+ROUTER_SCORES = ("softmax", "sigmoid")  # moe.router_score: how topk/group_topk score experts
+GROUP_SCORES = ("max", "top2_sum")  # moe.group_score: a group's rank (DeepSeek-V2 / V3)
 
 
 @struct.dataclass
@@ -40,6 +45,8 @@ class Routing:
     z_loss: jax.Array  # scalar ST-MoE router z-loss
     importance_loss: jax.Array  # scalar Shazeer CV(importance)^2 (0 for other routers)
     load_loss: jax.Array  # scalar Shazeer CV(load)^2 (0 for other routers)
+    # scalar DeepSeek-V3 sequence-wise balance loss (topk/group_topk; 0 for other routers)
+    sequence_aux_loss: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
 
 
 @struct.dataclass
@@ -53,6 +60,7 @@ class ExpertChoiceRouting:
     z_loss: jax.Array  # scalar
     importance_loss: jax.Array  # scalar, always 0 (Shazeer's losses are for noisy_topk)
     load_loss: jax.Array  # scalar, always 0
+    sequence_aux_loss: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
 
 
 def load_balancing_loss(probs_gte: jax.Array, first_choice_gt: jax.Array) -> jax.Array:
@@ -94,7 +102,10 @@ def gshard_top2(
     """GShard top-2: argmax, then argmax of the rest; gates renormalised by g1 + g2.
 
     In training with policy 'random', the second expert is dispatched only with probability
-    min(1, 2*g2) (g2 normalised), as in GShard's Algorithm 1.
+    min(1, 2*g2) (g2 normalised), as in GShard's Algorithm 1. With policy 'sampling' it is
+    drawn from the other experts with probability proportional to their gates, by Gumbel-max
+    on the logits with the first expert masked (Praxis top2_gating_on_logits); it is always
+    dispatched. In evaluation both pick the second-best expert.
     """
     if second_expert_policy not in SECOND_EXPERT_POLICIES:
         raise ValueError(
@@ -104,8 +115,13 @@ def gshard_top2(
     probs = jax.nn.softmax(logits_gte, axis=-1)
     num_experts = probs.shape[-1]
     idx1 = jnp.argmax(probs, axis=-1)
-    probs_rest = jnp.where(jax.nn.one_hot(idx1, num_experts, dtype=jnp.bool_), -1.0, probs)
-    idx2 = jnp.argmax(probs_rest, axis=-1)
+    first_gte = jax.nn.one_hot(idx1, num_experts, dtype=jnp.bool_)
+    if train and second_expert_policy == "sampling":
+        if rng is None:
+            raise ValueError("gshard_top2 sampling needs an rng while training.")
+        idx2 = _gumbel_second_choice(logits_gte, first_gte, rng)
+    else:
+        idx2 = jnp.argmax(jnp.where(first_gte, -1.0, probs), axis=-1)
     idx_gtk = jnp.stack([idx1, idx2], axis=-1).astype(jnp.int32)
     g_gtk = _gather_e(probs, idx_gtk)
     g_gtk = g_gtk / (jnp.sum(g_gtk, axis=-1, keepdims=True) + 1e-9)
@@ -121,6 +137,15 @@ def gshard_top2(
         dispatch_mask=mask_gtk,
         **_common(logits_gte, probs, idx1),
     )
+
+
+def _gumbel_second_choice(logits_gte: jax.Array, first_gte: jax.Array, rng: jax.Array):
+    """argmax(logits + Gumbel noise) over the experts other than the first: a draw from
+    softmax(logits) restricted to them, i.e. in proportion to their gates (Praxis)."""
+    u_gte = jax.random.uniform(rng, logits_gte.shape, dtype=logits_gte.dtype)
+    gumbel_gte = -jnp.log(-jnp.log(u_gte))
+    very_negative = -0.7 * jnp.finfo(logits_gte.dtype).max  # Praxis' mask value
+    return jnp.argmax(jnp.where(first_gte, very_negative, logits_gte) + gumbel_gte, axis=-1)
 
 
 def switch_top1(logits_gte: jax.Array) -> Routing:
@@ -144,6 +169,94 @@ def topk_softmax(logits_gte: jax.Array, k: int) -> Routing:
         combine_weights=jax.nn.softmax(top_logits_gtk, axis=-1),
         dispatch_mask=jnp.ones(idx_gtk.shape, jnp.bool_),
         **_common(logits_gte, probs, idx_gtk[..., 0]),
+    )
+
+
+def sequence_balance_loss(
+    probs_gte: jax.Array, expert_index_gtk: jax.Array, sequence_length: int
+) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance loss sum_i f_i * P_i, averaged over sequences.
+
+    Per sequence of T tokens: f_i = E/(k T) * #(tokens that chose i), P_i = mean_t s'_{i,t}
+    with s' the scores normalised per token (`probs`). 1.0 when balanced; f has no gradient.
+    Tokens are in batch-row order, so the [G, T] routing groups regroup into sequences.
+    """
+    g, t, e = probs_gte.shape
+    k = expert_index_gtk.shape[-1]
+    s = sequence_length or t  # 0: each routing group is one sequence
+    probs_bse = probs_gte.reshape(-1, s, e)
+    chosen_bse = jnp.sum(jax.nn.one_hot(expert_index_gtk, e, dtype=jnp.float32), axis=-2)
+    f_be = jnp.sum(chosen_bse.reshape(-1, s, e), axis=1) * (e / (k * s))
+    p_be = jnp.mean(probs_bse, axis=1)
+    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f_be) * p_be, axis=-1))
+
+
+def group_limit_mask(
+    choice_gte: jax.Array, num_groups: int, topk_groups: int, group_score: str
+) -> jax.Array:
+    """[G, T, E] bool: experts in each token's `topk_groups` best of `num_groups` equal groups.
+
+    A group ranks by its best choice score ('max', DeepSeek-V2) or the sum of its best two
+    ('top2_sum', DeepSeek-V3); experts e*ng/E.. of consecutive ids form a group.
+    """
+    g, t, e = choice_gte.shape
+    grouped_gtnx = choice_gte.reshape(g, t, num_groups, e // num_groups)
+    if group_score == "max":
+        group_gtn = jnp.max(grouped_gtnx, axis=-1)
+    elif group_score == "top2_sum":
+        group_gtn = jnp.sum(jax.lax.top_k(grouped_gtnx, 2)[0], axis=-1)
+    else:
+        raise ValueError(f"moe.group_score={group_score!r} is not valid; valid: {GROUP_SCORES}.")
+    _, keep_gtj = jax.lax.top_k(group_gtn, topk_groups)
+    keep_gtn = jnp.any(jax.nn.one_hot(keep_gtj, num_groups, dtype=jnp.bool_), axis=-2)
+    return jnp.repeat(keep_gtn, e // num_groups, axis=-1)
+
+
+def topk(
+    logits_gte: jax.Array,
+    k: int,
+    *,
+    score: str = "softmax",
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+    choice_bias_e: jax.Array | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: str = "max",
+    sequence_length: int = 0,
+) -> Routing:
+    """Top-k of the expert scores, in the forms of OLMoE/Qwen-MoE (softmax) and DeepSeek-V3.
+
+    s = softmax(logits) or sigmoid(logits); the k experts are chosen by s + b (b: the
+    auxiliary-loss-free bias, DeepSeek-V3 2.1.2), within the `topk_groups` best groups when
+    num_groups > 1 (others masked to -inf); gates are the unbiased s of the chosen experts,
+    divided by their sum if norm_topk_prob, then times routed_scaling_factor. `probs` (for the
+    losses) are s normalised per token. softmax + norm_topk_prob equals Mixtral's topk_softmax.
+    """
+    if score == "softmax":
+        scores_gte = jax.nn.softmax(logits_gte, axis=-1)
+        probs_gte = scores_gte
+    elif score == "sigmoid":
+        scores_gte = jax.nn.sigmoid(logits_gte)
+        probs_gte = scores_gte / jnp.sum(scores_gte, axis=-1, keepdims=True)
+    else:
+        raise ValueError(f"moe.router_score={score!r} is not valid; valid: {ROUTER_SCORES}.")
+    choice_gte = scores_gte if choice_bias_e is None else scores_gte + choice_bias_e
+    if num_groups > 1:
+        keep_gte = group_limit_mask(choice_gte, num_groups, topk_groups, group_score)
+        choice_gte = jnp.where(keep_gte, choice_gte, -jnp.inf)
+    _, idx_gtk = jax.lax.top_k(jax.lax.stop_gradient(choice_gte), k)
+    idx_gtk = idx_gtk.astype(jnp.int32)
+    gates_gtk = _gather_e(scores_gte, idx_gtk)
+    if norm_topk_prob:
+        gates_gtk = gates_gtk / (jnp.sum(gates_gtk, axis=-1, keepdims=True) + 1e-20)
+    common = _common(logits_gte, probs_gte, idx_gtk[..., 0])
+    common["sequence_aux_loss"] = sequence_balance_loss(probs_gte, idx_gtk, sequence_length)
+    return Routing(
+        expert_index=idx_gtk,
+        combine_weights=gates_gtk * routed_scaling_factor,
+        dispatch_mask=jnp.ones(idx_gtk.shape, jnp.bool_),
+        **common,
     )
 
 
@@ -224,6 +337,10 @@ class RouterInputs:
     rng: jax.Array | None  # routing randomness, training only
     train: bool
     options: Any  # the config's `moe` section, for router-specific knobs
+    # [E] float32 auxiliary-loss-free bias (DeepSeek-V3 2.1.2), added to the scores for the
+    # top-k choice only (gates stay unbiased); None: off. Read by RouterSpec.choice_bias routers.
+    choice_bias_e: jax.Array | None = None
+    sequence_length: int = 0  # tokens per batch row (sequence-wise loss); 0: one routing group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +361,11 @@ class RouterSpec:
     params: tuple[RouterParam, ...] = ()  # extra parameters beside the router matrix
     # Router-specific config rule: check(moe config) -> None, or the one-sentence complaint.
     check: Callable[[Any], str | None] = lambda moe: None
+    # Reads moe.router_score, moe.norm_topk_prob, moe.routed_scaling_factor and reports the
+    # sequence-wise loss (the config checks refuse non-default values for other routers).
+    scored: bool = False
+    choice_bias: bool = False  # honours RouterInputs.choice_bias_e (moe.expert_bias_update_rate)
+    grouped: bool = False  # honours moe.num_groups / moe.topk_groups / moe.group_score
 
 
 def _route_gshard_top2(r: RouterInputs) -> Routing:
@@ -258,6 +380,43 @@ def _route_noisy_topk(r: RouterInputs) -> Routing:
     if not r.options.noisy_gating:
         noise_std_gte = jnp.zeros_like(noise_std_gte)
     return noisy_topk(r.logits_gte, noise_std_gte, r.num_selected, rng=r.rng, train=r.train)
+
+
+def _route_topk(r: RouterInputs) -> Routing:
+    """topk / group_topk with the score, normalisation, scaling and group knobs of `moe`."""
+    o = r.options
+    return topk(
+        r.logits_gte,
+        r.num_selected,
+        score=o.router_score,
+        norm_topk_prob=o.norm_topk_prob,
+        routed_scaling_factor=o.routed_scaling_factor,
+        choice_bias_e=r.choice_bias_e,
+        num_groups=o.num_groups,
+        topk_groups=o.topk_groups,
+        group_score=o.group_score,
+        sequence_length=r.sequence_length,
+    )
+
+
+def _check_group_topk(moe) -> str | None:
+    """Groups must tile the experts, be chosen from what exists and hold k experts."""
+    ng, tg, e, k = moe.num_groups, moe.topk_groups, moe.num_experts, moe.num_selected
+    if e % ng:
+        return f"moe.num_experts={e} is not divisible by moe.num_groups={ng}; pick a divisor."
+    if tg > ng:
+        return f"moe.topk_groups={tg} is larger than moe.num_groups={ng}; use 1..{ng}."
+    if k > tg * (e // ng):
+        return (
+            f"moe.num_selected={k} is larger than the {tg * (e // ng)} experts in the "
+            f"moe.topk_groups={tg} chosen groups of {e // ng}; use k <= {tg * (e // ng)}."
+        )
+    if moe.group_score == "top2_sum" and e // ng < 2:
+        return (
+            f"moe.group_score='top2_sum' needs >= 2 experts per group, but moe.num_experts={e} "
+            f"over moe.num_groups={ng} gives 1; use group_score='max'."
+        )
+    return None
 
 
 def _check_noisy_topk(moe) -> str | None:
@@ -285,6 +444,10 @@ ROUTERS: dict[str, RouterSpec] = {
     "gshard_top2": RouterSpec(_route_gshard_top2, fixed_k=2),
     "switch_top1": RouterSpec(lambda r: switch_top1(r.logits_gte), fixed_k=1),
     "topk_softmax": RouterSpec(lambda r: topk_softmax(r.logits_gte, r.num_selected)),
+    "topk": RouterSpec(_route_topk, scored=True, choice_bias=True),
+    "group_topk": RouterSpec(
+        _route_topk, check=_check_group_topk, scored=True, choice_bias=True, grouped=True
+    ),
     "noisy_topk": RouterSpec(
         _route_noisy_topk, params=(RouterParam("router_noise"),), check=_check_noisy_topk
     ),

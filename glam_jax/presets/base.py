@@ -87,6 +87,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     # act(gate) * up in its epilogue; False: two kernels and an element-wise pass (A/B runs)
     e.decode_dispatch = "dropless"  # MoE dispatch when decoding, never dropping: 'dropless',
     # or 'einsum' / 'sort' with capacity = every token of the group (glam_jax/decode.py)
+    # Routing zoo II (read by routers 'topk' and 'group_topk'; others refuse non-defaults):
+    e.router_score = "softmax"  # expert scores: 'softmax' (OLMoE, Qwen) or 'sigmoid' (DeepSeek-V3)
+    e.norm_topk_prob = False  # divide the k kept gates by their sum (Qwen3-MoE, DeepSeek-V3)
+    e.routed_scaling_factor = 1.0  # multiplies the gates (DeepSeek-V3 uses 2.5)
+    e.num_groups = 1  # group_topk: experts form this many equal groups (DeepSeek-V3: 8)
+    e.topk_groups = 1  # group_topk: each token picks its experts within its best groups (V3: 4)
+    e.group_score = "max"  # group_topk rank of a group: best score, or 'top2_sum' (DeepSeek-V3)
+    e.sequence_aux_loss_weight = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (1e-4)
+    e.gate_norm = "before_capacity"  # every router: 'after_capacity' divides the gates by the
+    # sum of those that survived capacity (Praxis non-legacy); default = router's own (legacy)
 
     # ---- device mesh --------------------------------------------------------------------------
     config.mesh = ml_collections.ConfigDict()

@@ -9,6 +9,13 @@ Variants: `:dense`, `:moe+dispatch=dropless`, `:dense+batch=16`, `:moe+mesh=1x4x
 `:moe+dispatch=dropless+gmm=mgpu` (moe.ragged_matmul), `:moe+dispatch=dropless+glu=unfused`
 (moe.fused_glu off), ...
 
+DeepSeek-V3-style fine-grained MoE (issue 17) at the same width: 64 routed experts of width
+H/4 = 2048, top-6, 2 shared experts (one dense FFN of 2 x 2048), Mixtral-style routing; per
+token it activates 6 + 2 = 8 quarter-width FFNs = 2 x H, the E=8 top-2 model's FFN FLOPs:
+`:moe+experts=64+ewidth=2048+k=6+shared=2+router=topk_softmax` (`+bias=0.001` adds
+auxiliary-loss-free balancing). Its dense twin at equal activated FLOPs (up to the routers'
+0.5M weights) widens every dense FFN to (8192 + 2 x 8192) / 2: `:dense+mlp=12288`.
+
 The defaults are the fastest settings measured on an H200 (docs/performance.md): remat policy
 `dots` (every matmul output saved, so neither dense nor expert GEMMs run twice), routing
 groups of 1024 tokens, and the XLA flags of glam_jax/gpu_defaults.py.
@@ -36,6 +43,12 @@ VARIANT = {
     "opt": "adamw",  # adamw (the stock-JAX reference's) or adafactor (GLaM's)
     "gmm": "auto",  # moe.ragged_matmul of dropless: auto, blocked, mgpu, xla
     "glu": "fused",  # fused (moe.fused_glu, the default) or unfused
+    "mlp": 8192,  # model.mlp_dim (dense FFN width)
+    "ewidth": 0,  # moe.expert_mlp_dim (0 = mlp)
+    "k": 2,  # moe.num_selected
+    "router": "gshard_top2",  # moe.router
+    "shared": 0,  # moe.num_shared_experts
+    "bias": 0.0,  # moe.expert_bias_update_rate
 }
 CHOICES = {"kind": ("moe", "dense"), "glu": ("fused", "unfused")}
 
@@ -65,6 +78,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.moe.ragged_matmul = variant["gmm"]
     config.moe.fused_glu = variant["glu"] == "fused"
     config.moe.group_size = variant["group"]
+    config.model.mlp_dim = variant["mlp"]
+    config.moe.expert_mlp_dim = variant["ewidth"]
+    config.moe.num_selected = variant["k"]
+    config.moe.router = variant["router"]
+    config.moe.num_shared_experts = variant["shared"]
+    config.moe.expert_bias_update_rate = variant["bias"]
     config.train.batch_size = variant["batch"]
     config.train.eval_batch_size = variant["batch"]
     config.train.seq_len = 2048

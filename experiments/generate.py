@@ -34,6 +34,7 @@ from glam_jax import (
     gpu_defaults,
     pretrained,
     sharding,
+    steps,
 )
 from glam_jax.errors import GlamError
 
@@ -69,7 +70,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.
 
 
 def _load(mesh_shape):
-    """(config, params, mesh, tokenizer path or '') from the chosen source."""
+    """(config, params, model state, mesh, tokenizer path or '') from the chosen source."""
     sources = [bool(_WORKDIR.value), bool(_HF_DIR.value), _RANDOM_INIT.value]
     if sum(sources) != 1:
         raise GlamError("pass exactly one of --workdir, --hf_dir and --random_init.")
@@ -81,12 +82,15 @@ def _load(mesh_shape):
     shape = tuple(int(s) for s in mesh_shape) if mesh_shape else tuple(config.mesh.shape)
     mesh = sharding.make_mesh(sharding.mesh_shape(shape, jax.device_count()))
     tok = _TOKENIZER.value
+    model_state = {}  # the expert bias of auxiliary-loss-free balancing, where trained with it
     if _HF_DIR.value:
         config, params = pretrained.params_from_hf(_HF_DIR.value, mesh, config)
         if not _RANDOM_PROMPTS.value:  # token-id prompts need no tokenizer
             tok = tok or pretrained.tokenizer_path(None, hf_dir=_HF_DIR.value)
     elif _WORKDIR.value:
-        params, step = pretrained.params_from_workdir(config, _WORKDIR.value, mesh, _STEP.value)
+        params, model_state, step = pretrained.state_from_workdir(
+            config, _WORKDIR.value, mesh, _STEP.value
+        )
         logging.info("restored step %d", step)
         tok = tok or pretrained.tokenizer_path(config, workdir=_WORKDIR.value)
     else:
@@ -94,11 +98,11 @@ def _load(mesh_shape):
         model, shardings = gen.model, gen.param_shardings()
         ids = jnp.zeros((1, 1), jnp.int32)
         with sharding.use_mesh(mesh):
-            params = jax.jit(
-                lambda r: nn.unbox(model.init({"params": r}, ids)["params"]),
-                out_shardings=shardings,
+            params, model_state = jax.jit(
+                lambda r: steps.split_variables(nn.unbox(model.init({"params": r}, ids))),
+                out_shardings=(shardings, None),
             )(jax.random.PRNGKey(_SEED.value))
-    return config, params, mesh, tok
+    return config, params, model_state, mesh, tok
 
 
 def _prompts(tokenizer, vocab_size: int) -> list[list[int]]:
@@ -123,7 +127,7 @@ def _prompts(tokenizer, vocab_size: int) -> list[list[int]]:
 
 
 def run() -> dict:
-    config, params, mesh, tok_path = _load(_MESH.value)
+    config, params, model_state, mesh, tok_path = _load(_MESH.value)
     tokenizer = pretrained.tokenizer(tok_path) if tok_path else None
     if tokenizer is not None and tokenizer.vocab_size() > config.model.vocab_size:
         raise GlamError(
@@ -134,7 +138,7 @@ def run() -> dict:
     limit = tokenizer.vocab_size() if tokenizer is not None else 0  # only ids it can print
     sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, limit).check()
     eos = None if (_IGNORE_EOS.value or tokenizer is None) else tokenizer.eos_id()
-    gen = decode.Generator(config, mesh)
+    gen = decode.Generator(config, mesh, model_state)
     kwargs = dict(sampling=sampling, seed=_SEED.value, eos_id=eos)
     for _ in range(_WARMUP.value):
         gen.generate(params, prompts, _MAX_NEW.value, **kwargs)

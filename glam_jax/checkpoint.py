@@ -1,17 +1,19 @@
 """Orbax checkpoints of the train state together with the data-iterator state.
 
-One step directory holds `state` (params, optimizer state, step, rng; restored straight into
-their shardings) and `data` (the grain iterator state as JSON), so a resumed run continues
-with exactly the batch the interrupted one would have seen next. With several processes each
-reads its own part of the data; `allgather_json` collects every process's iterator state so the
-saved `data` item holds them all, and each process takes its own part back on restore. The
-model part of the config is stored beside the checkpoints; resuming with a different model shape
-fails in one sentence. A newest checkpoint that cannot be read (a save cut short, a disk that
-filled up) is skipped for the newest one that can, and a save refuses non-finite values.
+One step directory holds `state` (params, optimizer state, step, rng, model state such as the
+MoE expert bias; restored straight into their shardings) and `data` (the grain iterator state
+as JSON), so a resumed run continues with exactly the batch the interrupted one would have seen
+next. With several processes each reads its own part of the data; `allgather_json` collects
+every process's iterator state so the saved `data` item holds them all, and each process takes
+its own part back on restore. The model part of the config is stored beside the checkpoints;
+resuming with a different model shape fails in one sentence. A newest checkpoint that cannot be
+read (a save cut short, a disk that filled up) is skipped for the newest one that can, and a
+save refuses non-finite values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -23,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from glam_jax.errors import GlamError
+from glam_jax.presets.base import get_base_config
 from glam_jax.steps import TrainState, all_finite
 
 # Config fields that change parameter shapes or meaning; a workdir is tied to them.
@@ -42,7 +45,16 @@ SHAPE_FIELDS = {
         "tie_embeddings",
         "norm",
     ),
-    "moe": ("num_experts", "every", "moe_index_in_block", "expert_mlp_dim", "router"),
+    "moe": (
+        "num_experts",
+        "every",
+        "moe_index_in_block",
+        "expert_mlp_dim",
+        "router",
+        "num_shared_experts",
+        "shared_expert_mlp_dim",
+        "shared_expert_gate",
+    ),
 }
 
 
@@ -153,11 +165,17 @@ class Checkpointer:
         if os.path.exists(self._config_path):
             with open(self._config_path) as f:
                 stored = json.load(f)
+            # A field added after the workdir was written held its default value there.
+            defaults = get_base_config()
+            recorded = {
+                part: {key: stored.get(part, {}).get(key, defaults[part][key]) for key in keys}
+                for part, keys in SHAPE_FIELDS.items()
+            }
             diffs = [
-                f"{part}.{key}: checkpoint {stored.get(part, {}).get(key)!r} vs config {value!r}"
+                f"{part}.{key}: checkpoint {recorded[part][key]!r} vs config {value!r}"
                 for part, fields in current.items()
                 for key, value in fields.items()
-                if stored.get(part, {}).get(key) != value
+                if recorded[part][key] != value
             ]
             if diffs:
                 raise CheckpointError(
@@ -204,22 +222,41 @@ class Checkpointer:
         candidates = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
         if not candidates:
             raise CheckpointError(f"no checkpoint found under {self.directory}.")
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-        )
         for candidate in candidates:
             try:
-                restored = self.manager.restore(candidate, args=args)
+                return self._restore_step(candidate, abstract_state)
             except (ValueError, KeyError, TypeError, OSError) as err:  # not device errors (OOM)
                 self.unreadable.append((candidate, _first_line(err)))
-                continue
-            return restored["state"], restored["data"]
         reasons = "; ".join(f"step {s}: {reason}" for s, reason in self.unreadable)
         raise CheckpointError(
             f"no checkpoint under {self.directory} can be restored ({reasons}): they are "
             "unreadable or were written for another model or optimizer; use a new --workdir or "
             "the config they were written with."
         )
+
+    def _restore_step(self, step: int, abstract_state: TrainState) -> tuple[Any, dict]:
+        """(state, data state) of one step. A model without non-parameter state also reads
+        checkpoints written before TrainState.model_state existed (the same tree without it)."""
+
+        def restore(target):
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+            )
+            restored = self.manager.restore(step, args=args)
+            return restored["state"], restored["data"]
+
+        try:
+            return restore(abstract_state)
+        except ValueError:
+            if jax.tree.leaves(abstract_state.model_state):
+                raise
+            legacy = {
+                f.name: getattr(abstract_state, f.name)
+                for f in dataclasses.fields(abstract_state)
+                if f.name != "model_state"
+            }
+            state, data = restore(legacy)
+            return TrainState(**state, model_state={}), data
 
     def set_aside(self, steps: list[int], workdir: str) -> str:
         """Moves unreadable step folders to <workdir>/unreadable_checkpoints/ (kept for a person to

@@ -52,6 +52,7 @@ def enumerated_knobs() -> dict[str, Collection[str]]:
         "moe.capacity_convention": capacity.CAPACITY_CONVENTIONS,
         "moe.expert_exchange": dispatch.EXCHANGES,
         "moe.ragged_matmul": dispatch.RAGGED_MATMUL_CHOICES,
+        "moe.shared_expert_gate": layers.OUTPUT_GATES,
         "train.optimizer": optim.OPTIMIZERS,
         "train.decay": optim.DECAYS,
         "data.corpus": text_corpus.EMBEDDED_CORPORA,
@@ -75,6 +76,9 @@ LOWER_BOUNDS = {
     "moe.num_experts": 0,
     "moe.every": 1,
     "moe.expert_mlp_dim": 0,
+    "moe.num_shared_experts": 0,
+    "moe.shared_expert_mlp_dim": 0,
+    "moe.expert_bias_update_rate": 0,
     "moe.group_size": 1,
     "moe.min_capacity": 0,
     "moe.num_groups": 1,
@@ -161,6 +165,12 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     _need(
         1 <= moe.num_selected <= moe.num_experts,
         f"moe.num_selected={moe.num_selected} must be in [1, moe.num_experts={moe.num_experts}].",
+    )
+    biased = [name for name, r in routers.ROUTERS.items() if r.choice_bias]
+    _need(
+        moe.expert_bias_update_rate == 0 or spec.choice_bias,
+        f"moe.expert_bias_update_rate={moe.expert_bias_update_rate} needs a router that chooses "
+        f"with the balancing bias ({_listing(biased)}), not moe.router={moe.router!r}.",
     )
     complaint = spec.check(moe)  # the router's own rules (RouterSpec.check)
     _need(complaint is None, complaint or "")
@@ -279,6 +289,8 @@ def split_sizes(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]
             ("moe.num_experts", moe.num_experts, "expert"),
             ("moe.expert_mlp_dim", moe.expert_mlp_dim or mc.mlp_dim, "mlp"),
         ]
+    if moe.num_experts and moe.num_shared_experts:
+        rows.append(("moe.shared_expert_mlp_dim", model.shared_expert_mlp_dim(config), "mlp"))
     return rows
 
 

@@ -183,10 +183,18 @@ class Generation:
 class Generator:
     """Jitted prefill and fused sampling loop of one model on one mesh."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh | None = None,
+        model_state: dict | None = None,
+    ):
+        """model_state: the trained model's non-parameter variables (TrainState.model_state,
+        the expert bias of auxiliary-loss-free balancing), read by every call; {} without."""
         self.config = decode_config(config)
         self.model = Transformer(self.config)
         self.mesh = mesh or sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        self.model_state = model_state or {}
         self._jitted: dict = {}
 
     # ---- shapes and shardings -----------------------------------------------------------
@@ -235,7 +243,7 @@ class Generator:
     def _apply(self, params, cache, tokens_bt, segment_ids_bt, positions_bt):
         """Runs tokens through the model at the cache index: (last logits [b, V], cache)."""
         (logits_b1v, _), variables = self.model.apply(
-            {"params": params, "cache": cache},
+            {"params": params, "cache": cache, **self.model_state},
             tokens_bt,
             segment_ids_bt,
             positions_bt,

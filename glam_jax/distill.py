@@ -142,17 +142,18 @@ def teacher_logits(teacher_model, teacher_config, teacher_params, batch) -> jax.
 
 
 def make_loss_fn(student_model, student_config, teacher_model, teacher_config, settings):
-    """loss_fn(params, batch, rng, teacher_params) for `steps.make_train_step`: the trainer's
-    loss with its CE term replaced by the distillation mix (z-losses and MoE losses kept)."""
+    """loss_fn(params, batch, rng, teacher_params, model_state) for `steps.make_train_step`: the
+    trainer's loss with its CE term replaced by the distillation mix (z-losses and MoE losses
+    kept; the student's model state, e.g. its expert bias, updated as in plain training)."""
 
-    def loss_fn(params, batch, rng, teacher_params):
+    def loss_fn(params, batch, rng, teacher_params, model_state):
         objective = functools.partial(
             _objective,
             teacher_logits_btv=teacher_logits(teacher_model, teacher_config, teacher_params, batch),
             settings=settings,
         )
         return steps.loss_and_metrics(
-            params, batch, rng, student_model, student_config, True, objective
+            params, batch, rng, student_model, student_config, True, objective, model_state
         )
 
     return loss_fn

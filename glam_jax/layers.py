@@ -18,6 +18,7 @@ Dtype = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORMS = ("rmsnorm", "layernorm")
+OUTPUT_GATES = ("none", "sigmoid")  # GluFFN.output_gate (moe.shared_expert_gate)
 ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=True), "silu": nn.silu, "relu": nn.relu}
 
 
@@ -118,12 +119,17 @@ class GluFFN(nn.Module):
     init_std: float = 0.02
     dropout_rate: float = 0.0
     deterministic: bool = True  # no dropout (evaluation); an attribute so remat needs no statics
+    output_gate: str = "none"  # 'sigmoid': output times sigmoid(x w_gate [M, 1]) (Qwen2-MoE)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x_btm: jax.Array) -> jax.Array:
         """x [B, T, M] -> FFN output [B, T, M]."""
+        if self.output_gate not in OUTPUT_GATES:
+            raise ValueError(
+                f"output gate {self.output_gate!r} is not valid; valid: {OUTPUT_GATES}."
+            )
         m = x_btm.shape[-1]
         init = nn.initializers.normal(self.init_std)
         act = activation_fn(self.activation)
@@ -142,4 +148,8 @@ class GluFFN(nn.Module):
             self, "wo", init, (self.mlp_dim, m), self.param_dtype, ("mlp", "embed")
         )
         y_btm = jnp.einsum("bth,hm->btm", h_bth, wo.astype(self.dtype))
+        if self.output_gate == "sigmoid":
+            w_gate = param_with_axes(self, "gate", init, (m, 1), self.param_dtype, ("embed", None))
+            gate_bt1 = jnp.einsum("btm,mo->bto", x_btm, w_gate.astype(self.dtype))
+            y_btm = y_btm * jax.nn.sigmoid(gate_bt1)
         return constrain(y_btm, ("batch", "length", "embed"))

@@ -136,26 +136,60 @@ def segments(config) -> tuple[Segment, ...]:
     return (Segment(pattern, mc.num_layers // moe.every),)
 
 
-def _dense_ffn(config, train: bool, wrap):
-    """The dense gated FFN as an FFN kind: (y, no stats)."""
+def _gated_ffn(config, train: bool, wrap, *, mlp_dim: int, name: str, output_gate="none"):
+    """The dense gated FFN module (GluFFN) of width mlp_dim: the dense kind and shared experts."""
     mc = config.model
-    ffn = wrap(GluFFN)(
-        mlp_dim=mc.mlp_dim,
+    return wrap(GluFFN)(
+        mlp_dim=mlp_dim,
         activation=mc.ffn_activation,
         glu=mc.ffn_glu,
         init_std=mc.init_std,
         dropout_rate=mc.dropout_rate,
         deterministic=not train,
+        output_gate=output_gate,
         dtype=dtype_of(mc.dtype),
         param_dtype=dtype_of(mc.param_dtype),
-        name="ffn",
+        name=name,
     )
+
+
+def _dense_ffn(config, train: bool, wrap):
+    """The dense gated FFN as an FFN kind: (y, no stats)."""
+    ffn = _gated_ffn(config, train, wrap, mlp_dim=config.model.mlp_dim, name="ffn")
     return lambda h_btm: (ffn(h_btm), {})
 
 
+def shared_expert_mlp_dim(config) -> int:
+    """Width of the one dense FFN holding the shared experts: moe.shared_expert_mlp_dim, or
+    num_shared_experts x the routed expert width (DeepSeek-V2/V3's moe_intermediate_size x
+    n_shared_experts; Qwen2-MoE states its shared_expert_intermediate_size)."""
+    moe = config.moe
+    routed = moe.expert_mlp_dim or config.model.mlp_dim
+    return moe.shared_expert_mlp_dim or moe.num_shared_experts * routed
+
+
 def _moe_ffn(config, train: bool, wrap):
-    """The MoE layer as an FFN kind: (y, routing stats)."""
-    return wrap(MoE)(config, train=train, name="moe")
+    """The MoE layer as an FFN kind: (y, routing stats). With moe.num_shared_experts, the dense
+    kind's FFN (`shared_expert`, optionally sigmoid-gated) runs beside the routed experts on the
+    same input and their outputs add (DeepSeekMoE, Qwen2-MoE)."""
+    routed = wrap(MoE)(config, train=train, name="moe")
+    moe = config.moe
+    if not moe.num_shared_experts:
+        return routed
+    shared = _gated_ffn(
+        config,
+        train,
+        wrap,
+        mlp_dim=shared_expert_mlp_dim(config),
+        name="shared_expert",
+        output_gate=moe.shared_expert_gate,
+    )
+
+    def ffn(h_btm):
+        y_btm, stats = routed(h_btm)
+        return y_btm + shared(h_btm), stats
+
+    return ffn
 
 
 # FFN kind -> builder(config, train, wrap) of a callable h -> (y, stats), made inside the layer
@@ -317,9 +351,10 @@ class Transformer(nn.Module):
             scanned = nn.scan(
                 block_cls,
                 # 'intermediates': MoE routing sown for glam_jax/analysis, stacked per block.
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0}
+                # 'moe_state': the per-layer expert bias of auxiliary-loss-free balancing.
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0, "moe_state": 0}
                 if decode
-                else {"params": 0, "intermediates": 0},
+                else {"params": 0, "intermediates": 0, "moe_state": 0},
                 split_rngs={"params": True, "dropout": True, "routing": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=segment.repeats,
@@ -361,6 +396,10 @@ def summarise_moe_stats(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
     out["expert_load"] = stats["expert_load"]  # [moe layers, E]
     out["dropped_fraction"] = stats["dropped_fraction"]  # [moe layers]
     out["router_entropy"] = stats["router_entropy"]  # [moe layers]
+    load = stats["expert_load"]
+    out["expert_load_max_over_mean"] = jnp.max(load, -1) / jnp.mean(load, -1)  # [moe layers]
+    if "expert_bias" in stats:  # auxiliary-loss-free balancing: the bias this step chose with
+        out["expert_bias"] = stats["expert_bias"]  # [moe layers, E]
     top1 = stats["top1"]  # [moe layers, B, S]
     if top1.shape[0] > 1:
         out["top1_stability"] = jnp.mean((top1[1:] == top1[:-1]).astype(jnp.float32))

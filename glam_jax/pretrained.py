@@ -29,6 +29,15 @@ def params_from_workdir(
     config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None
 ):
     """(params, step) restored into their training shardings on `mesh` (latest step default)."""
+    params, _, restored = state_from_workdir(config, workdir, mesh, step)
+    return params, restored
+
+
+def state_from_workdir(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, step: int | None = None
+):
+    """(params, model_state, step): params_from_workdir plus the non-parameter variables the
+    model routes with (the expert bias of auxiliary-loss-free balancing; {} without it)."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise PretrainedError(f"{workdir} has no checkpoints/ folder; is it a training workdir?")
     model = steps.build_model(config)
@@ -43,7 +52,7 @@ def params_from_workdir(
         logging.warning(
             "Checkpoint step %d under %s is unreadable (%s).", bad, ckpt.directory, reason
         )
-    return state.params, int(jax.device_get(state.step))
+    return state.params, state.model_state, int(jax.device_get(state.step))
 
 
 def config_for_source(

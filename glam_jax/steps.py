@@ -21,9 +21,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from glam_jax import losses, sharding
 from glam_jax.layers import dtype_of
 from glam_jax.model import Transformer, cast_for_compute, frozen
+from glam_jax.moe.layer import STATE_COLLECTION
 from glam_jax.optim import learning_rate_schedule
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights", "target_chars")
+# Variable collections besides 'params' that training carries and updates (never by gradient):
+# the MoE layers' auxiliary-loss-free balancing bias. Absent from the model when it is off.
+MODEL_STATE_COLLECTIONS = (STATE_COLLECTION,)
 
 
 @struct.dataclass
@@ -37,6 +41,9 @@ class TrainState:
     # Steps whose update was skipped: all of them, and how many in a row up to this step.
     nonfinite_steps: jax.Array  # int32 scalar
     nonfinite_streak: jax.Array  # int32 scalar; >= train.max_nonfinite_steps stops the run
+    # Non-parameter variables {collection: tree} (MODEL_STATE_COLLECTIONS), {} when the model
+    # has none: updated inside the step by the model itself, checkpointed like the params.
+    model_state: Any = struct.field(default_factory=dict)
 
 
 def build_model(config: ml_collections.ConfigDict) -> Transformer:
@@ -50,10 +57,25 @@ def _dummy_inputs(config) -> jax.Array:
 
 def abstract_boxed_params(model: Transformer, config) -> Any:
     """Parameter shapes with their logical-axis boxes, without allocating anything."""
+    return abstract_boxed_variables(model, config)["params"]
+
+
+def abstract_boxed_variables(model: Transformer, config) -> Any:
+    """Shapes of every variable collection (params and model state), boxed, no allocation."""
     return jax.eval_shape(
-        lambda rng: model.init({"params": rng}, _dummy_inputs(config))["params"],
-        jax.random.PRNGKey(0),
+        lambda rng: model.init({"params": rng}, _dummy_inputs(config)), jax.random.PRNGKey(0)
     )
+
+
+def split_variables(variables) -> tuple[Any, dict]:
+    """model.init's variables -> (params, model_state of MODEL_STATE_COLLECTIONS)."""
+    state = {c: variables[c] for c in MODEL_STATE_COLLECTIONS if c in variables}
+    return variables["params"], state
+
+
+def model_variables(params, model_state: dict | None) -> dict:
+    """The variables model.apply takes: params and the model state (may be empty)."""
+    return {"params": params, **(model_state or {})}
 
 
 def param_partition_specs(model: Transformer, config) -> Any:
@@ -119,7 +141,9 @@ def make_init_fn(config, model: Transformer, tx: optax.GradientTransformation) -
     """rng -> fresh TrainState (params from `rng`, per-step keys from config.seed + 1)."""
 
     def init_fn(rng):
-        params = nn.unbox(model.init({"params": rng}, _dummy_inputs(config))["params"])
+        params, model_state = split_variables(
+            nn.unbox(model.init({"params": rng}, _dummy_inputs(config)))
+        )
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -127,6 +151,7 @@ def make_init_fn(config, model: Transformer, tx: optax.GradientTransformation) -
             rng=jax.random.PRNGKey(config.seed + 1),
             nonfinite_steps=jnp.zeros((), jnp.int32),
             nonfinite_streak=jnp.zeros((), jnp.int32),
+            model_state=model_state,
         )
 
     return init_fn
@@ -147,7 +172,8 @@ def abstract_state(
 
 def state_shardings(config, model: Transformer, abstract: TrainState, mesh: Mesh) -> TrainState:
     """NamedShardings for every leaf of the train state."""
-    p_specs = param_partition_specs(model, config)
+    params_boxed, state_boxed = split_variables(abstract_boxed_variables(model, config))
+    p_specs = sharding.logical_specs(params_boxed)
     o_specs = opt_state_specs(abstract.opt_state, abstract.params, p_specs)
     specs = TrainState(
         step=PartitionSpec(),
@@ -156,18 +182,27 @@ def state_shardings(config, model: Transformer, abstract: TrainState, mesh: Mesh
         rng=PartitionSpec(),
         nonfinite_steps=PartitionSpec(),
         nonfinite_streak=PartitionSpec(),
+        model_state=sharding.logical_specs(state_boxed),
     )
     return sharding.named_shardings(mesh, specs)
 
 
 def loss_and_metrics(
-    params, batch, rng, model: Transformer, config, train: bool, objective: Callable | None = None
+    params,
+    batch,
+    rng,
+    model: Transformer,
+    config,
+    train: bool,
+    objective: Callable | None = None,
+    model_state: dict | None = None,
 ):
     """Total loss = CE + logits z-loss + weighted MoE losses; also returns metrics.
 
     objective(logits_btv, ce, weights_bt, denom) -> (token objective, extra metrics) replaces
     the CE term of the total (distillation mixes it with a soft CE against a teacher); None
-    keeps the plain CE.
+    keeps the plain CE. model_state: the TrainState's non-parameter variables; in training the
+    model updates them and metrics['model_state'] holds the new values (the step takes them out).
     """
     moe, tc = config.moe, config.train
     rngs = {}
@@ -175,14 +210,17 @@ def loss_and_metrics(
         r_route, r_drop = jax.random.split(rng)
         rngs = {"routing": r_route, "dropout": r_drop}
     compute_params = cast_for_compute(params, dtype_of(config.model.dtype))
-    logits, stats = model.apply(
-        {"params": compute_params},
+    mutable = list(model_state) if train and model_state else False
+    out = model.apply(
+        model_variables(compute_params, model_state),
         batch["inputs"],
         batch["segment_ids"],
         batch["positions"],
         train=train,
         rngs=rngs,
+        mutable=mutable,
     )
+    (logits, stats), new_state = out if mutable else (out, None)
     weights = batch["weights"].astype(jnp.float32)
     nll_bt, logz_bt = losses.cross_entropy(logits, batch["targets"], weights)
     denom = jnp.maximum(jnp.sum(weights), 1.0)
@@ -204,6 +242,8 @@ def loss_and_metrics(
     metrics["nll_sum"] = jnp.sum(nll_bt)
     metrics["weight_sum"] = jnp.sum(weights)
     metrics["char_sum"] = jnp.sum(batch["target_chars"].astype(jnp.float32) * weights)
+    if new_state is not None:
+        metrics["model_state"] = dict(new_state)
     return loss, metrics
 
 
@@ -225,30 +265,36 @@ def make_train_step(
     later update is skipped too, so the state the loop finds at its next check (and refuses to
     save) is the one from before the run went bad.
 
-    loss_fn(params, batch, rng, aux) -> (loss, metrics) replaces `loss_and_metrics`; with
-    aux_shardings the step is jit(state, batch, aux) and passes `aux` (e.g. a frozen teacher's
-    params) to loss_fn as a plain input: not donated, not differentiated, not updated.
+    loss_fn(params, batch, rng, aux, model_state) -> (loss, metrics) replaces
+    `loss_and_metrics`; with aux_shardings the step is jit(state, batch, aux) and passes `aux`
+    (e.g. a frozen teacher's params) to loss_fn as a plain input: not donated, not
+    differentiated, not updated. metrics['model_state'], where loss_fn returns it, becomes the
+    new state.model_state (the expert bias, updated by the model from the step's routing; kept
+    like the parameters when the step is skipped).
     """
     schedule_lr = learning_rate_schedule(config.train)
     max_streak = config.train.max_nonfinite_steps
     if loss_fn is None:
 
-        def loss_fn(params, batch, rng, aux):
+        def loss_fn(params, batch, rng, aux, model_state):
             del aux
-            return loss_and_metrics(params, batch, rng, model, config, True)
+            return loss_and_metrics(
+                params, batch, rng, model, config, True, model_state=model_state
+            )
 
     def train_step(state: TrainState, batch, aux=None):
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, rng, aux)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng, aux, state.model_state)
+        model_state = metrics.pop("model_state", state.model_state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_streak < max_streak)
-        params, opt_state = jax.tree.map(
+        params, opt_state, model_state = jax.tree.map(
             lambda new, old: jnp.where(ok, new, old),
-            (params, opt_state),
-            (state.params, state.opt_state),
+            (params, opt_state, model_state),
+            (state.params, state.opt_state, state.model_state),
         )
         nonfinite_steps = state.nonfinite_steps + jnp.where(ok, 0, 1)
         nonfinite_streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
@@ -262,6 +308,7 @@ def make_train_step(
             opt_state=opt_state,
             nonfinite_steps=nonfinite_steps,
             nonfinite_streak=nonfinite_streak,
+            model_state=model_state,
         )
         return new_state, metrics
 
@@ -284,20 +331,26 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_eval_step(config, model: Transformer, mesh: Mesh, param_shardings) -> Callable:
-    """jit(params, batch) -> metrics summed over the batch (nll, weights, characters)."""
+def make_eval_step(
+    config, model: Transformer, mesh: Mesh, param_shardings, state_shardings=None
+) -> Callable:
+    """jit(params, batch, model_state=None) -> metrics summed over the batch (nll, weights,
+    characters); model_state (TrainState.model_state, in state_shardings) is read, not updated."""
 
-    def eval_step(params, batch):
-        _, metrics = loss_and_metrics(params, batch, None, model, config, False)
+    def eval_step(params, batch, model_state):
+        _, metrics = loss_and_metrics(
+            params, batch, None, model, config, False, model_state=model_state
+        )
         return metrics
 
     batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
     jitted = jax.jit(
         eval_step,
-        in_shardings=(param_shardings, batch_shardings),
+        in_shardings=(param_shardings, batch_shardings, state_shardings),
         out_shardings=sharding.replicated(mesh),
     )
-    return _in_mesh(jitted, mesh)
+    in_mesh = _in_mesh(jitted, mesh)
+    return lambda params, batch, model_state=None: in_mesh(params, batch, model_state or {})
 
 
 def _in_mesh(fn: Callable, mesh: Mesh) -> Callable:

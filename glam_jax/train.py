@@ -97,13 +97,14 @@ def merged_data_state(train_iter: TrainIterator) -> dict[str, Any]:
     return TrainIterator.merge_states(checkpoint.allgather_json(train_iter.get_state()))
 
 
-def evaluate(eval_step, params, data, mesh, max_batches: int) -> dict[str, float]:
-    """Loss, perplexity and bits per character over the validation split (or max_batches)."""
+def evaluate(eval_step, params, data, mesh, max_batches: int, model_state=None) -> dict[str, float]:
+    """Loss, perplexity and bits per character over the validation split (or max_batches);
+    model_state: the TrainState's non-parameter variables (the expert bias), if any."""
     nll = weight = chars = 0.0
     for i, batch in enumerate(data.make_eval_iter()):
         if max_batches and i >= max_batches:
             break
-        m = eval_step(params, steps.global_batch(batch, mesh))
+        m = eval_step(params, steps.global_batch(batch, mesh), model_state)
         nll += float(m["nll_sum"])
         weight += float(m["weight_sum"])
         chars += float(m["char_sum"])
@@ -128,12 +129,12 @@ def evaluate_checkpoint(
             f"{workdir} has no checkpoints/ folder; is it a training workdir?"
         )
     mesh, data = mesh_and_data(config, workdir)
-    params, restored_step = pretrained.params_from_workdir(config, workdir, mesh, step)
+    params, model_state, restored_step = pretrained.state_from_workdir(config, workdir, mesh, step)
     model = steps.build_model(config)
     param_shardings = jax.tree.map(lambda p: p.sharding, params)
     eval_step = steps.make_eval_step(config, model, mesh, param_shardings)
     result = {"step": restored_step}
-    result.update(evaluate(eval_step, params, data, mesh, max_batches))
+    result.update(evaluate(eval_step, params, data, mesh, max_batches, model_state))
     return result
 
 
@@ -166,6 +167,8 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
             "learning_rate",
             "grad_norm",
             "expert_load",
+            "expert_load_max_over_mean",  # [MoE layers]: 1.0 is perfectly balanced
+            "expert_bias",  # [MoE layers, E]: auxiliary-loss-free balancing bias (when on)
             "dropped_fraction",
             "router_entropy",
             "top1_stability",
@@ -174,6 +177,10 @@ def _log_row(metrics: dict[str, Any], elapsed: float, tokens: int, mfu_denominat
         )
         if key in metrics
     }
+    if "expert_bias" in row:  # float32 written as its shortest decimal (0.003, not 0.00300000002)
+        bias = row["expert_bias"].astype(np.float32)
+        shortest = [float(np.format_float_positional(v, unique=True)) for v in bias.ravel()]
+        row["expert_bias"] = np.asarray(shortest).reshape(bias.shape)
     row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     if mfu_denominator:
         row["mfu"] = row["tokens_per_s"] / mfu_denominator
@@ -274,7 +281,7 @@ def train_and_evaluate(
         f"{data.num_train_documents} train / {data.num_eval_documents} eval documents."
     )
     train_step = hooks.make_train_step(config, model, tx, mesh, shardings)
-    eval_step = steps.make_eval_step(config, model, mesh, shardings.params)
+    eval_step = steps.make_eval_step(config, model, mesh, shardings.params, shardings.model_state)
     tokens_per_step = tc.batch_size * tc.seq_len
 
     bar = _progress_bar(tc, start_step) if primary else None
@@ -301,7 +308,9 @@ def train_and_evaluate(
                 bar.update(1)
             is_eval = _evaluates_at(done, tc)
             if is_eval:
-                last_eval = evaluate(eval_step, state.params, data, mesh, tc.eval_batches)
+                last_eval = evaluate(
+                    eval_step, state.params, data, mesh, tc.eval_batches, state.model_state
+                )
                 writer.write(done, last_eval)
                 say(
                     f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
@@ -325,7 +334,9 @@ def train_and_evaluate(
                 break
         if start_step >= tc.steps:  # nothing left to train: report the checkpoint's eval
             say(f"Already trained to step {start_step} (train.steps={tc.steps}).")
-            last_eval = evaluate(eval_step, state.params, data, mesh, tc.eval_batches)
+            last_eval = evaluate(
+                eval_step, state.params, data, mesh, tc.eval_batches, state.model_state
+            )
     finally:  # also on errors and Ctrl-C: finish pending checkpoint writes, flush metrics
         watch.uninstall()
         if bar is not None:

@@ -63,17 +63,18 @@ def full_forward_fn(gen: decode.Generator):
     token cannot change its logits), so one compiled shape serves every step."""
 
     def last_logits(params, tokens_bl, segment_ids_bl, positions_bl, last_b):
-        logits_blv, _ = gen.model.apply({"params": params}, tokens_bl, segment_ids_bl, positions_bl)
+        variables = {"params": params, **gen.model_state}
+        logits_blv, _ = gen.model.apply(variables, tokens_bl, segment_ids_bl, positions_bl)
         return jnp.take_along_axis(logits_blv, last_b[:, None, None], axis=1)[:, 0]
 
     return jax.jit(last_logits)
 
 
-def check_cached_equals_full(config, mesh_shape, rows):
+def check_cached_equals_full(config, mesh_shape, rows, model_state=None):
     """Greedy generation through prefill + the cached loop; at every step the logits the
     token came from equal a fresh full forward pass over everything before it."""
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-    gen = decode.Generator(config, mesh)
+    gen = decode.Generator(config, mesh, model_state)
     params = init_params(gen)
     prompts = prompts_for(config, rows)
     out = gen.generate(params, prompts, NEW_TOKENS, return_logits=True)
@@ -107,6 +108,23 @@ def test_cached_decoding_equals_full_forward_on_1_device(make_config):
 def test_cached_decoding_equals_full_forward_on_8_devices(make_config):
     """8 rows over data x expert = 8; experts split 4 ways; prompts of 8 different lengths."""
     check_cached_equals_full(make_config(), (2, 4, 1), rows=8)
+
+
+def test_cached_decoding_with_shared_experts_and_the_expert_bias():
+    """DeepSeek-style layer: 8 experts of width 16 (model.mlp_dim 64), k=4, a sigmoid-gated
+    shared expert and a trained (here random, large) balancing bias that moves the choices."""
+    config = glam_config()
+    config.moe.update(
+        router="topk_softmax",
+        num_selected=4,
+        expert_mlp_dim=16,
+        num_shared_experts=1,
+        shared_expert_gate="sigmoid",
+        expert_bias_update_rate=0.001,
+    )
+    bias = np.random.RandomState(2).normal(0.0, 0.3, (2, 8)).astype(np.float32)
+    state = {"moe_state": {"blocks": {"layer_1": {"moe": {"expert_bias": jnp.asarray(bias)}}}}}
+    check_cached_equals_full(config, (1, 1, 1), 4, model_state=state)
 
 
 def test_cache_is_stacked_on_the_layers_axis_and_sharded_by_batch():

@@ -205,3 +205,63 @@ def test_moe_layer_blocked_equals_xla_dropless(fused_glu):
     for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_x), strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.max(np.abs(a - b)) <= 0.03 * np.max(np.abs(b)) + 1e-3
+
+
+@pytest.mark.parametrize("kernel,width", [("blocked", 256), ("mgpu", 384)])
+def test_dropless_k8_fine_grained_experts_run_the_kernels_and_match_xla(kernel, width):
+    """Issue 17: dropless with k=8 of 16 experts narrower than model.mlp_dim runs the Hopper
+    kernels (a Mosaic-GPU custom call in the compiled step; 'auto' picks the same one) and
+    matches XLA's ragged_dot in outputs and gradients."""
+    from configs.glam_tiny import get_config
+    from glam_jax.kernels import grouped_matmul as gmm
+    from glam_jax.model import frozen
+    from glam_jax.moe import MoE, dispatch
+
+    if not gmm.available():
+        pytest.skip("needs a Hopper (sm_90+) GPU for the Mosaic-GPU kernels")
+
+    def config(name):
+        c = get_config()
+        c.model.update(dtype="bfloat16", param_dtype="bfloat16", embed_dim=256, mlp_dim=1024)
+        c.moe.update(num_experts=16, num_selected=8, router="topk_softmax", expert_mlp_dim=width)
+        c.moe.update(dispatch="dropless", ragged_matmul=name, group_size=256)
+        return frozen(c)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 256, 256), jnp.bfloat16)
+    params = MoE(config("xla"), train=False).init(jax.random.PRNGKey(1), x)
+    wi_0 = params["params"]["wi_0"].value
+    assert wi_0.shape == (16, 256, width)
+    assert dispatch.resolve_ragged_matmul("auto", dispatch.Experts(wi_0, None, wi_0)) == kernel
+
+    def step(name):
+        module = MoE(config(name), train=False)
+
+        def loss(p):
+            y, _ = module.apply(p, x)
+            return jnp.sum(y.astype(jnp.float32) ** 2), y
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    hlo = {name: step(name).lower(params).as_text().lower() for name in (kernel, "xla")}
+    assert "mosaic_gpu" in hlo[kernel] and "mosaic_gpu" not in hlo["xla"]
+    (_, y_k), g_k = step(kernel)(params)
+    (_, y_x), g_x = step("xla")(params)
+    y_k, y_x = np.asarray(y_k, np.float32), np.asarray(y_x, np.float32)
+    assert np.max(np.abs(y_k - y_x)) <= 0.02 * np.max(np.abs(y_x)) + 1e-2
+    for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.max(np.abs(a - b)) <= 0.03 * np.max(np.abs(b)) + 1e-3
+
+
+def test_a_fine_grained_width_no_kernel_takes_falls_back_or_is_refused():
+    """352 (a multiple of neither kernel's tiles): 'auto' runs XLA, 'blocked' is one sentence."""
+    from glam_jax.kernels import grouped_matmul as gmm
+    from glam_jax.moe import dispatch
+
+    if not gmm.available():
+        pytest.skip("needs a Hopper (sm_90+) GPU for the Mosaic-GPU kernels")
+    w = jnp.zeros((16, 256, 352), jnp.bfloat16)
+    assert dispatch.resolve_ragged_matmul("auto", dispatch.Experts(w, None, w)) == "xla"
+    with pytest.raises(ValueError, match="not multiples of 256") as err:
+        dispatch.resolve_ragged_matmul("blocked", dispatch.Experts(w, None, w))
+    assert "\n" not in str(err.value)

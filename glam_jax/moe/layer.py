@@ -16,10 +16,16 @@ import jax.numpy as jnp
 from glam_jax.layers import constrain, dtype_of, param_with_axes
 from glam_jax.moe import dispatch as dispatch_lib
 from glam_jax.moe import routers
-from glam_jax.moe.capacity import expert_capacity, group_tokens
+from glam_jax.moe.capacity import MoEError, expert_capacity, group_tokens
 from glam_jax.sharding import logical_axis_size
 
 ROUTER_AXES = ("embed", None)  # router matrices [M, E]: replicated over experts
+# The variable collection of the auxiliary-loss-free balancing bias: state, not a parameter
+# (no gradient, not seen by the optimizer), carried in TrainState.model_state. Its [E] vector
+# is replicated like the router matrix: it is added to the router scores, whose expert axis is
+# replicated, so sharding it over experts would only add a gather.
+STATE_COLLECTION = "moe_state"
+BIAS_AXES = (None,)
 
 
 class MoE(nn.Module):
@@ -51,6 +57,7 @@ class MoE(nn.Module):
         xr_gtm = self._router_input(x_gtm)
         rng = self.make_rng("routing") if self.train else None
         experts = self._experts(m)
+        bias = self._choice_bias()
         extra = {
             p.name: param_with_axes(
                 self, p.name, p.init, (m, moe.num_experts), jnp.float32, ROUTER_AXES
@@ -74,6 +81,7 @@ class MoE(nn.Module):
                 train=self.train,
                 options=moe,
                 sequence_length=s,
+                choice_bias_e=None if bias is None else bias.value,
             )
         )
 
@@ -92,9 +100,30 @@ class MoE(nn.Module):
         )
         out = dispatch_lib.dispatch(x_gtm.astype(dtype_of(mc.dtype)), routing, experts, options)
 
-        # ---- statistics ----
+        # ---- statistics (and the balancing bias's update from this step's load) ----
         y_btm = constrain(out.y_gtm.reshape(b, s, m), ("batch", "length", "embed"))
-        return y_btm, statistics(routing, out, (b, s))
+        stats = statistics(routing, out, (b, s))
+        if bias is not None:
+            stats["expert_bias"] = bias.value
+            if self.train and self.is_mutable_collection(STATE_COLLECTION):
+                bias.value = updated_bias(
+                    bias.value, out.expert_load_e, moe.expert_bias_update_rate
+                )
+        return y_btm, stats
+
+    def _choice_bias(self):
+        """The [E] balancing-bias variable (moe.expert_bias_update_rate > 0), else None."""
+        moe = self.config.moe
+        if moe.expert_bias_update_rate <= 0:
+            return None
+        if not self.is_initializing() and not self.has_variable(STATE_COLLECTION, "expert_bias"):
+            raise MoEError(
+                f"moe.expert_bias_update_rate={moe.expert_bias_update_rate} routes with a learned "
+                f"expert bias, but the model was applied without its {STATE_COLLECTION!r} "
+                "collection; pass the train state's model_state beside the params."
+            )
+        init = nn.with_logical_partitioning(jnp.zeros, BIAS_AXES)
+        return self.variable(STATE_COLLECTION, "expert_bias", init, (moe.num_experts,), jnp.float32)
 
     def _router_input(self, x_gtm: jax.Array) -> jax.Array:
         """x in float32, with Switch's multiplicative jitter while training."""
@@ -139,6 +168,13 @@ class MoE(nn.Module):
             return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
 
         return drop
+
+
+def updated_bias(bias_e: jax.Array, load_e: jax.Array, rate: float) -> jax.Array:
+    """DeepSeek-V3 (section 2.1.2): b_e += rate * sign(mean load - load_e), from the step's
+    load (share of dispatched pairs per expert; no gradient flows through it)."""
+    load_e = jax.lax.stop_gradient(load_e)
+    return bias_e + rate * jnp.sign(jnp.mean(load_e) - load_e)
 
 
 def statistics(

@@ -160,10 +160,17 @@ def switch_top1(logits_gte: jax.Array) -> Routing:
     )
 
 
-def topk_softmax(logits_gte: jax.Array, k: int) -> Routing:
-    """Mixtral: top-k of the logits, softmax over the k kept logits."""
+def topk_softmax(logits_gte: jax.Array, k: int, choice_bias_e: jax.Array | None = None) -> Routing:
+    """Mixtral: top-k of the logits, softmax over the k kept logits.
+
+    choice_bias_e (DeepSeek-V3's balancing bias) moves only which experts are chosen, the top k
+    of probs + bias (without it, of the logits: the same order); the gates stay the unbiased
+    softmax over the chosen experts' logits.
+    """
     probs = jax.nn.softmax(logits_gte, axis=-1)
-    top_logits_gtk, idx_gtk = jax.lax.top_k(logits_gte, k)
+    choice_gte = logits_gte if choice_bias_e is None else probs + choice_bias_e
+    idx_gtk = jax.lax.top_k(choice_gte, k)[1]
+    top_logits_gtk = _gather_e(logits_gte, idx_gtk)
     return Routing(
         expert_index=idx_gtk.astype(jnp.int32),
         combine_weights=jax.nn.softmax(top_logits_gtk, axis=-1),
@@ -443,7 +450,9 @@ def _check_expert_choice(moe) -> str | None:
 ROUTERS: dict[str, RouterSpec] = {
     "gshard_top2": RouterSpec(_route_gshard_top2, fixed_k=2),
     "switch_top1": RouterSpec(lambda r: switch_top1(r.logits_gte), fixed_k=1),
-    "topk_softmax": RouterSpec(lambda r: topk_softmax(r.logits_gte, r.num_selected)),
+    "topk_softmax": RouterSpec(
+        lambda r: topk_softmax(r.logits_gte, r.num_selected, r.choice_bias_e), choice_bias=True
+    ),
     "topk": RouterSpec(_route_topk, scored=True, choice_bias=True),
     "group_topk": RouterSpec(
         _route_topk, check=_check_group_topk, scored=True, choice_bias=True, grouped=True

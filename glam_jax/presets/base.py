@@ -60,7 +60,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     e.every = 2  # one MoE layer in each block of `every` layers; the scan body is one block
     e.moe_index_in_block = 1  # which layer of a block holds the MoE FFN (1: dense then MoE)
     e.num_selected = 2  # k experts per token (top-k); routers with a fixed k check it
-    e.expert_mlp_dim = 0  # hidden width of one expert; 0 = model.mlp_dim
+    e.expert_mlp_dim = 0  # hidden width of one expert; 0 = model.mlp_dim (fine-grained
+    # experts, DeepSeekMoE: more, narrower experts, e.g. model.mlp_dim / 4 with 4x the k)
+    e.num_shared_experts = 0  # DeepSeekMoE shared experts every token visits; 0 = off
+    e.shared_expert_mlp_dim = 0  # their one dense FFN's width; 0 = num_shared_experts x
+    # (expert_mlp_dim or model.mlp_dim), as DeepSeek-V2/V3 build it (Qwen2-MoE sets it)
+    e.shared_expert_gate = "none"  # 'none' or 'sigmoid' (Qwen2-MoE: sigmoid(x w_gate) scales it)
+    e.expert_bias_update_rate = 0.0  # gamma of DeepSeek-V3 auxiliary-loss-free balancing:
+    # after each step b_e += gamma * sign(mean load - load_e), b chooses the top k only; 0 = off
     e.router = "gshard_top2"  # a name in glam_jax/moe/routers.py ROUTERS
     e.dispatch = "einsum"  # 'einsum' (GShard one-hot), 'sort' (gather/scatter) or 'dropless'
     e.group_size = 1024  # tokens per routing group; capacity is computed per group

@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# The lm-evaluation-harness adapter (glam_jax/lm_eval_model.py); 0.4.x is the API it implements.
+LM_EVAL = ["lm-eval>=0.4.5,<0.5"]
+
 setup(
     name="glam_jax",
     version="0.1.0",
@@ -32,7 +35,26 @@ setup(
     ],
     extras_require={
         # ruff is pinned because CI checks the formatting, which changes between releases.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "matplotlib>=3.8"],
+        # lm-eval is in the test extras so CI runs tests/test_lm_eval.py (its base install has
+        # no torch or transformers: about 40 s and 0.75 GB in a fresh venv, mostly pyarrow,
+        # scipy, scikit-learn and pandas, which `datasets` and `evaluate` need).
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff==0.17.6",
+            "matplotlib>=3.8",
+            *LM_EVAL,
+        ],
         "plots": ["matplotlib>=3.8"],
+        "eval": LM_EVAL,
+    },
+    entry_points={
+        "console_scripts": [
+            "glam-train = glam_jax.commands.train:entry",
+            "glam-eval = glam_jax.commands.eval:entry",
+            "glam-generate = glam_jax.commands.generate:entry",
+            "glam-param-count = glam_jax.param_count:entry",
+            "glam-lm-eval = glam_jax.commands.lm_eval:entry",
+        ]
     },
 )

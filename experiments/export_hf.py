@@ -1,9 +1,10 @@
-"""Exports a glam_jax Mixtral to a Hugging Face directory (config.json + safetensors shards).
+"""Exports a glam_jax model of a Hugging Face family (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) to a
+Hugging Face directory (config.json + safetensors shards in the family's hub layout).
 
 python experiments/export_hf.py --config=configs/mixtral.py:size=tiny --workdir=/tmp/mixtral_tiny \
     --out=/tmp/mixtral_tiny_hf
 python experiments/export_hf.py --config=configs/mixtral.py:size=tiny --out=/tmp/x --logits
-/work/hfvenv/bin/python experiments/make_hf_golden.py --check_export=/tmp/x
+/work/venv-hf/bin/python experiments/make_hf_golden.py --check_export=/tmp/x
 
 Without --workdir the weights are random (seeded). --logits also writes glam_jax_logits.npz
 (a random batch and glam_jax's float32 logits for it), which make_hf_golden.py --check_export

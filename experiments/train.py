@@ -1,28 +1,11 @@
-"""Trains a glam_jax model.
+"""Trains a glam_jax model; the program is glam_jax/commands/train.py (also `glam-train`).
 
 python experiments/train.py --config=configs/glam_tiny.py --workdir=/tmp/glam_tiny
 python experiments/train.py --config=configs/glam.py:size=1_7b --workdir=... \
     --config.mesh.shape="(-1,8,1)" --config.data.text_files=/data/*.txt
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from glam_jax import cli, gpu_defaults, train
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (optionally :variant).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and data cache go here.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter; --verbosity=0 shows it
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # user errors: see glam_jax/cli.py
-
+from glam_jax.commands import train
 
 if __name__ == "__main__":
-    gpu_defaults.apply()  # XLA/CUDA settings for GPU hosts; nothing elsewhere
-    cli.run(main)
+    train.entry()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from absl import app, flags
 
 from glam_jax.errors import GlamError
+from glam_jax.presets import names
 
 # ml_collections words a misspelt field as: 'routr'\nDid you mean "router" instead of "routr"?
 _DID_YOU_MEAN = re.compile(r'[Dd]id you mean "([^"]+)" instead of "([^"]+)"')
@@ -58,9 +59,17 @@ def config_error_sentence(err: Exception, argv: list[str]) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with one-line errors (absl prints two lines; ml_collections raises)."""
+    """absl's flag parsing, with one-line errors (absl prints two lines; ml_collections raises).
+
+    A `--config` that names a preset (`--config=glam_tiny:experts=4`) becomes the preset's file
+    first (glam_jax/presets/names.py), so installed commands need no checkout.
+    """
     try:
+        if "config" in flags.FLAGS:
+            argv = names.expand_config_args(argv)
         return flags.FLAGS(argv)
+    except GlamError as err:
+        _fail(str(err))
     except flags.Error as err:
         _fail(f"{err} (see --helpshort).")
     except (KeyError, AttributeError, OSError, TypeError, ValueError) as err:

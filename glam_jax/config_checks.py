@@ -208,13 +208,6 @@ def _check_routing_options(moe, spec: routers.RouterSpec) -> None:
                 f"moe.{knob}={moe[knob]} is not read by moe.router={moe.router!r}; set it to 1, "
                 "or use moe.router='group_topk'.",
             )
-    bias_rate = moe.get("expert_bias_update_rate", 0.0)
-    bias_routers = [n for n, r in routers.ROUTERS.items() if r.choice_bias]
-    _need(
-        bias_rate <= 0 or spec.choice_bias,
-        f"moe.expert_bias_update_rate={bias_rate} needs a router that adds the bias to its "
-        f"top-k choice, but moe.router={moe.router!r}; use one of {bias_routers}, or rate 0.",
-    )
     _need(
         moe.second_expert_policy != "sampling" or moe.router == "gshard_top2",
         f"moe.second_expert_policy='sampling' samples gshard_top2's second expert, but "

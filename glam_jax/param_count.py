@@ -1,4 +1,5 @@
 """python -m glam_jax.param_count --config=configs/glam_1_7b_64e.py [--json]
+glam-param-count --config=glam:size=1_7b  (the installed console script; a preset name)
 
 Total and activated-per-token parameters and training FLOPs per token, from abstract shapes,
 printed beside the published figures where the config carries them (config.paper). A paper
@@ -99,7 +100,12 @@ def main(argv) -> None:
     print(f"convention: {out['convention']}")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `glam-param-count` console script (and `python -m glam_jax.param_count`)."""
     _FLAGS.update(_define_flags())
     flags.mark_flag_as_required("config")
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

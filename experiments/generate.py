@@ -1,6 +1,6 @@
-"""Generates text with a KV cache from a glam_jax workdir, a Hugging Face Mixtral directory, or
-random weights (for throughput); the program is glam_jax/commands/generate.py (also
-`glam-generate`).
+"""Generates text with a KV cache from a glam_jax workdir, a Hugging Face directory (Mixtral,
+OLMoE, Qwen1.5/2/3-MoE: glam_jax/hf_checkpoint.py), or random weights (for throughput); the
+program is glam_jax/commands/generate.py (also `glam-generate`).
 
 python experiments/generate.py --config=configs/glam_tiny.py --workdir=/tmp/glam_tiny \
     --prompt="ROMEO:" --max_new_tokens=64 --temperature=0.8 --top_p=0.9

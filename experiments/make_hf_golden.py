@@ -1,22 +1,28 @@
-"""Builds the Mixtral golden fixture from the `transformers` reference (not needed by CI).
+"""Builds the Hugging Face golden fixtures from the `transformers` reference (not needed by CI).
 
-    /work/hfvenv/bin/python experiments/make_hf_golden.py            # writes the fixture
-    /work/hfvenv/bin/python experiments/make_hf_golden.py --check_export=DIR
+    /work/venv-hf/bin/python experiments/make_hf_golden.py --family=olmoe  # one fixture
+    /work/venv-hf/bin/python experiments/make_hf_golden.py --family=all    # every family
+    /work/venv-hf/bin/python experiments/make_hf_golden.py --check_export=DIR
 
-A tiny random `MixtralConfig` (2 layers, 4 experts, top-2, 4 query / 2 key-value heads) is
-saved in the Mixtral hub layout (per-expert w1/w2/w3 keys, two shards and an index) under
-tests/testdata/hf_mixtral_tiny/, with golden.npz: a batch of token ids and their float32
-logits (full attention and a sliding window of 6), and the greedy continuations of two
-prompts of different lengths. The script checks that transformers reloads the written files
-to the same logits, and that no greedy step or router choice is a near-tie (so another
-implementation agreeing to 1e-5 must pick the same tokens and experts).
+Per family (`FAMILIES`: mixtral, olmoe, qwen2_moe, qwen3_moe) a tiny random model is saved in
+its hub layout (experts one key each: Mixtral's w1/w2/w3, the others' gate/up/down_proj; two
+shards and an index) under tests/testdata/hf_<family>_tiny/, with golden.npz: a batch of token
+ids and their float32 logits (Mixtral also with a sliding window of 6), and the greedy
+continuations of two prompts of different lengths. The script checks that transformers
+reloads the written files to the same logits, and that no greedy step or router choice is a
+near-tie (so another implementation agreeing to 1e-5 must pick the same tokens and experts).
+The tiny models exercise each family's features: OLMoE's q/k norm over the projection and
+unnormalised top-k; Qwen2-MoE's q/k/v biases, sigmoid-gated shared expert and a dense layer
+(mlp_only_layers); Qwen3-MoE's per-head q/k norm, top-8 renormalised, decoder_sparse_step=2,
+head_dim != hidden/heads and a tied head.
 
---check_export=DIR loads a directory written by glam_jax (experiments/export_hf.py) with
-transformers and compares its logits to the glam_jax logits stored beside it.
+--check_export=DIR loads a directory written by glam_jax (experiments/export_hf.py --logits)
+with transformers (any family, by its config.json) and compares its logits to the glam_jax
+logits stored beside it.
 
 Needs torch and transformers in their own venv, e.g.
-    python3 -m venv /work/hfvenv
-    /work/hfvenv/bin/pip install torch==2.13.0 transformers safetensors numpy
+    python3 -m venv /work/venv-hf
+    /work/venv-hf/bin/pip install torch transformers safetensors numpy
 Only numpy, torch, transformers and safetensors are imported (no glam_jax, no jax).
 """
 
@@ -33,10 +39,20 @@ import safetensors
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "tests", "testdata", "hf_mixtral_tiny")
+OUT = os.path.join(ROOT, "tests", "testdata", "hf_{family}_tiny")
 WINDOW = 6  # sliding window of the second set of logits
 NEW_TOKENS = 8  # greedy continuation length
 PROMPT_LENGTHS = (11, 5)  # two prompts of different lengths, cut from the batch rows
@@ -66,34 +82,138 @@ def tiny_config() -> MixtralConfig:
     )
 
 
-def hub_layout(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """Model state dict -> the published Mixtral-8x7B key layout (per-expert w1/w2/w3).
+def olmoe_config() -> OlmoeConfig:
+    return OlmoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,  # as OLMoE-1B-7B
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
 
-    transformers 5 keeps experts fused (mlp.experts.gate_up_proj [E, 2F, M] = [w1; w3],
-    down_proj [E, M, F] = w2) and calls the MoE block `mlp`; 4.x already uses the hub names.
+
+def qwen2_moe_config() -> Qwen2MoeConfig:
+    return Qwen2MoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,  # the dense layer (mlp_only_layers)
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=6,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,  # as Qwen1.5-MoE-A2.7B
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        qkv_bias=True,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+
+
+def qwen3_moe_config() -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,  # the dense layers (decoder_sparse_step=2: layers 0 and 2)
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # != hidden_size / heads, as in Qwen3-30B-A3B
+        num_experts=16,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,  # as Qwen3-30B-A3B
+        decoder_sparse_step=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+
+
+# family -> (tiny config, model class, hub names of the MoE block and of (gate, up, down)).
+FAMILIES = {
+    "mixtral": (tiny_config, MixtralForCausalLM, "block_sparse_moe", ("w1", "w3", "w2")),
+    "olmoe": (olmoe_config, OlmoeForCausalLM, "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen2_moe": (
+        qwen2_moe_config,
+        Qwen2MoeForCausalLM,
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+    ),
+    "qwen3_moe": (
+        qwen3_moe_config,
+        Qwen3MoeForCausalLM,
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+    ),
+}
+
+
+def hub_layout(
+    state: dict[str, torch.Tensor], num_experts: int, family: str = "mixtral", tied: bool = False
+) -> dict[str, torch.Tensor]:
+    """Model state dict -> the published hub key layout (one key per expert matrix).
+
+    transformers 5 keeps experts fused (mlp.experts.gate_up_proj [E, 2F, M] = [gate; up],
+    down_proj [E, M, F]) and calls Mixtral's MoE block `mlp`; 4.x already uses the hub names.
+    A tied head is not stored (transformers ties lm_head to the embedding on load).
     """
+    _, _, scope, (gate, up, down) = FAMILIES[family]
     out = {}
     for key, value in state.items():
         value = value.detach().to(torch.float32).contiguous()
         if key.endswith("mlp.experts.gate_up_proj"):
-            prefix = key[: -len("mlp.experts.gate_up_proj")] + "block_sparse_moe.experts."
+            prefix = key[: -len("mlp.experts.gate_up_proj")] + f"{scope}.experts."
             f = value.shape[1] // 2
             for j in range(num_experts):
-                out[f"{prefix}{j}.w1.weight"] = value[j, :f].contiguous()
-                out[f"{prefix}{j}.w3.weight"] = value[j, f:].contiguous()
+                out[f"{prefix}{j}.{gate}.weight"] = value[j, :f].contiguous()
+                out[f"{prefix}{j}.{up}.weight"] = value[j, f:].contiguous()
         elif key.endswith("mlp.experts.down_proj"):
-            prefix = key[: -len("mlp.experts.down_proj")] + "block_sparse_moe.experts."
+            prefix = key[: -len("mlp.experts.down_proj")] + f"{scope}.experts."
             for j in range(num_experts):
-                out[f"{prefix}{j}.w2.weight"] = value[j].contiguous()
+                out[f"{prefix}{j}.{down}.weight"] = value[j].contiguous()
+        elif key == "lm_head.weight" and tied:
+            continue
         else:
-            out[key.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = value
+            out[key.replace(".mlp.gate.", f".{scope}.gate.")] = value
     return out
 
 
-def write_hub_checkpoint(model: MixtralForCausalLM, path: str) -> None:
+def write_hub_checkpoint(model, path: str, family: str = "mixtral") -> None:
     """config.json + two safetensors shards + model.safetensors.index.json."""
     os.makedirs(path, exist_ok=True)
-    tensors = hub_layout(model.state_dict(), model.config.num_local_experts)
+    c = model.config
+    experts = getattr(c, "num_local_experts", None) or c.num_experts
+    tensors = hub_layout(model.state_dict(), experts, family, bool(c.tie_word_embeddings))
     first = {k: v for k, v in tensors.items() if "layers.0." in k or "embed_tokens" in k}
     second = {k: v for k, v in tensors.items() if k not in first}
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
@@ -118,7 +238,7 @@ def versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def greedy(model: MixtralForCausalLM, prompt: torch.Tensor) -> tuple[list[int], float]:
+def greedy(model, prompt: torch.Tensor) -> tuple[list[int], float]:
     """transformers' greedy generate of one unpadded prompt, and the smallest top-1 margin."""
     out = model.generate(
         prompt[None],
@@ -137,11 +257,13 @@ def greedy(model: MixtralForCausalLM, prompt: torch.Tensor) -> tuple[list[int], 
 
 
 @torch.no_grad()
-def router_margin(model: MixtralForCausalLM, input_ids: torch.Tensor) -> float:
-    """Smallest gap between the 2nd and 3rd router logit over all tokens and layers."""
+def router_margin(model, input_ids: torch.Tensor) -> float:
+    """Smallest gap between the k-th and (k+1)-th router logit over all tokens and MoE layers
+    (softmax is monotonic, so the same gap decides the choice of every family's router)."""
+    k = model.config.num_experts_per_tok
     out = model(input_ids, output_router_logits=True)
-    gaps = [torch.topk(r.float(), 3, dim=-1).values for r in out.router_logits]
-    return min(float((v[:, 1] - v[:, 2]).min()) for v in gaps)
+    gaps = [torch.topk(r.float(), k + 1, dim=-1).values for r in out.router_logits]
+    return min(float((v[:, k - 1] - v[:, k]).min()) for v in gaps)
 
 
 class NearTie(Exception):
@@ -149,38 +271,46 @@ class NearTie(Exception):
 
 
 @torch.no_grad()
-def make_fixture(out_dir: str, seed: int) -> None:
+def make_fixture(out_dir: str, seed: int, family: str = "mixtral") -> None:
     """The first seed from `seed` on without near-ties."""
     for s in range(seed, seed + 100):
         try:
-            return make_fixture_with_seed(out_dir, s)
+            return make_fixture_with_seed(out_dir, s, family)
         except NearTie as err:
             print(f"seed {s}: {err}")
     raise SystemExit("no seed without near-ties found")
 
 
 @torch.no_grad()
-def make_fixture_with_seed(out_dir: str, seed: int) -> None:
+def make_fixture_with_seed(out_dir: str, seed: int, family: str = "mixtral") -> None:
     torch.manual_seed(seed)
-    config = tiny_config()
-    model = MixtralForCausalLM(config).eval().to(torch.float32)
+    make_config, model_cls, _, _ = FAMILIES[family]
+    config = make_config()
+    model = model_cls(config).eval().to(torch.float32)
     for name, p in model.named_parameters():  # norms get non-trivial scales too
         if "norm" in name:
             p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    write_hub_checkpoint(model, out_dir)
+        elif name.endswith(".bias"):  # and biases non-zero values (Qwen2-MoE's q/k/v)
+            p.copy_(0.1 * torch.randn_like(p))
+    write_hub_checkpoint(model, out_dir, family)
 
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, config.vocab_size, (2, 16), generator=gen)
     logits = model(input_ids).logits.float()
-    reloaded = MixtralForCausalLM.from_pretrained(out_dir, attn_implementation="eager").eval()
+    reloaded = model_cls.from_pretrained(out_dir, attn_implementation="eager").eval()
     reload_err = float((reloaded(input_ids).logits.float() - logits).abs().max())
     assert reload_err == 0.0, f"transformers reloads the written files differently: {reload_err}"
 
-    windowed = MixtralForCausalLM.from_pretrained(
-        out_dir, attn_implementation="eager", sliding_window=WINDOW
-    ).eval()
-    logits_window = windowed(input_ids).logits.float()
-    assert float((logits_window - logits).abs().max()) > 1e-3, "the window changed nothing"
+    extra = {}
+    if family == "mixtral":  # the only family whose sliding window applies to every layer
+        windowed = MixtralForCausalLM.from_pretrained(
+            out_dir, attn_implementation="eager", sliding_window=WINDOW
+        ).eval()
+        logits_window = windowed(input_ids).logits.float()
+        assert float((logits_window - logits).abs().max()) > 1e-3, "the window changed nothing"
+        extra = dict(
+            logits_window=logits_window.numpy().astype(np.float32), window=np.int32(WINDOW)
+        )
 
     prompts, continuations, margins = [], [], []
     for row, length in enumerate(PROMPT_LENGTHS):
@@ -201,17 +331,16 @@ def make_fixture_with_seed(out_dir: str, seed: int) -> None:
         os.path.join(out_dir, "golden.npz"),
         input_ids=input_ids.numpy().astype(np.int32),
         logits=logits.numpy().astype(np.float32),
-        logits_window=logits_window.numpy().astype(np.float32),
-        window=np.int32(WINDOW),
         prompts=prompt_arr,
         prompt_lengths=np.asarray(PROMPT_LENGTHS, np.int32),
         greedy=np.asarray(continuations, np.int32),
+        **extra,
     )
     info = {
         "versions": versions(),
         "seed": seed,
         "smallest_greedy_margin": min(margins),
-        "smallest_router_margin_2nd_vs_3rd": r_margin,
+        "smallest_router_margin_kth_vs_next": r_margin,
         "made_by": "experiments/make_hf_golden.py",
     }
     with open(os.path.join(out_dir, "golden.json"), "w") as f:
@@ -224,14 +353,20 @@ def make_fixture_with_seed(out_dir: str, seed: int) -> None:
 def check_export(path: str) -> int:
     """Loads a glam_jax export with transformers; compares with the logits glam_jax stored."""
     ref = np.load(os.path.join(path, "glam_jax_logits.npz"))
-    model, info = MixtralForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         path, attn_implementation="eager", output_loading_info=True
     )
     problems = {k: sorted(v) for k, v in info.items() if v and k != "error_msgs"}
     logits = model.eval()(torch.from_numpy(ref["input_ids"]).long()).logits.float().numpy()
     err = float(np.max(np.abs(logits - ref["logits"])))
     ok = err < 1e-4 and not problems
-    report = {"export": path, "loaded_in_transformers": True, "max_abs_logit_diff": err, "ok": ok}
+    report = {
+        "export": path,
+        "model_type": model.config.model_type,
+        "loaded_in_transformers": True,
+        "max_abs_logit_diff": err,
+        "ok": ok,
+    }
     report["loading_problems"] = problems  # missing / unexpected / mismatched keys
     print(json.dumps(dict(report, versions=versions()), indent=2))
     return 0 if ok else 1
@@ -239,13 +374,15 @@ def check_export(path: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=OUT, help="fixture directory to (over)write")
+    parser.add_argument("--family", default="mixtral", choices=[*FAMILIES, "all"])
+    parser.add_argument("--out", default=OUT, help="fixture directory ({family} is filled in)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check_export", default="", help="a glam_jax-exported directory")
     args = parser.parse_args()
     if args.check_export:
         return check_export(args.check_export)
-    make_fixture(args.out, args.seed)
+    for family in FAMILIES if args.family == "all" else [args.family]:
+        make_fixture(args.out.format(family=family), args.seed, family)
     return 0
 
 

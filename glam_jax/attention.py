@@ -30,6 +30,10 @@ from glam_jax.layers import Dtype, constrain, param_with_axes
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 POSITIONS = ("relative_bias", "rope", "none")
+# model.qk_norm: RMSNorm of queries and keys before RoPE. 'head': over each head's head_dim
+# (Qwen3-MoE, a [head_dim] scale); 'projection': over the whole q (or k) projection, every
+# head at once (OLMoE, a [heads, head_dim] scale).
+QK_NORMS = ("none", "head", "projection")
 
 
 def relative_position_buckets(
@@ -136,6 +140,30 @@ def cached_attention_mask(
     return (visible_ts[None] & same_bts)[:, None]
 
 
+class QKNorm(nn.Module):
+    """RMSNorm of queries or keys [B, T, heads, D], computed in float32 (see QK_NORMS)."""
+
+    over: str  # 'head' | 'projection'
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bthd: jax.Array) -> jax.Array:
+        """x [B, T, heads, D] normalised over D ('head') or over heads and D ('projection')."""
+        heads, d = x_bthd.shape[-2:]
+        if self.over == "head":
+            reduce, shape, axes = (-1,), (d,), ("kv",)
+        elif self.over == "projection":
+            reduce, shape, axes = (-2, -1), (heads, d), ("heads", "kv")
+        else:
+            raise ValueError(f"model.qk_norm={self.over!r} is not valid; valid: {QK_NORMS}.")
+        x = x_bthd.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=reduce, keepdims=True) + self.eps)
+        scale = param_with_axes(self, "scale", nn.initializers.ones, shape, self.param_dtype, axes)
+        return (x * scale.astype(jnp.float32)).astype(self.dtype)
+
+
 def xla_attention(q_bthd, k_bsgd, v_bsgd, bias_hts, mask_b1ts, scale: float) -> jax.Array:
     """Reference attention in plain einsums; grouped-query heads share k/v; softmax in f32."""
     b, t, h, d = q_bthd.shape
@@ -190,7 +218,8 @@ def resolve_impl(impl: str, dtype: Dtype | None = None) -> str:
 
 
 class Attention(nn.Module):
-    """Pre-projected causal self-attention; bias or RoPE positions; GQA when kv heads < heads."""
+    """Pre-projected causal self-attention; bias or RoPE positions; GQA when kv heads < heads;
+    optional q/k/v biases (Qwen2-MoE) and q/k RMSNorm (OLMoE, Qwen3-MoE)."""
 
     num_heads: int
     num_kv_heads: int
@@ -203,6 +232,9 @@ class Attention(nn.Module):
     scale: float = 0.0  # 0 = 1/sqrt(head_dim)
     impl: str = "auto"
     document_mask: bool = True  # keep attention inside a document of a packed row
+    qk_norm: str = "none"  # a name in QK_NORMS
+    qkv_bias: bool = False  # learned biases on the q/k/v projections (Qwen2-MoE)
+    norm_eps: float = 1e-6  # epsilon of the q/k RMSNorm
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -222,9 +254,24 @@ class Attention(nn.Module):
                 self, name, init, (m, heads, d), self.param_dtype, ("embed", "heads", "kv")
             )
             y_bthd = jnp.einsum("btm,mhd->bthd", x_btm, w_mhd.astype(self.dtype))
+            if self.qkv_bias:
+                b_hd = param_with_axes(
+                    self,
+                    f"{name}_bias",
+                    nn.initializers.zeros,
+                    (heads, d),
+                    self.param_dtype,
+                    ("heads", "kv"),
+                )
+                y_bthd = y_bthd + b_hd.astype(self.dtype)
             return constrain(y_bthd, ("batch", "length", "heads", "kv"))
 
         q_bthd, k_bsgd, v_bsgd = proj("query", h), proj("key", g), proj("value", g)
+        if self.qk_norm != "none":
+            # Before RoPE and before the cache, so cached keys are the normalised ones.
+            qk = dict(over=self.qk_norm, eps=self.norm_eps, dtype=self.dtype)
+            q_bthd = QKNorm(name="query_norm", param_dtype=self.param_dtype, **qk)(q_bthd)
+            k_bsgd = QKNorm(name="key_norm", param_dtype=self.param_dtype, **qk)(k_bsgd)
         table_hb = None
         if self.position == "relative_bias":
             table_hb = param_with_axes(

@@ -44,6 +44,8 @@ SHAPE_FIELDS = {
         "rel_buckets",
         "tie_embeddings",
         "norm",
+        "qk_norm",  # Hugging Face families: q/k norm scales and q/k/v biases
+        "qkv_bias",
     ),
     "moe": (
         "num_experts",

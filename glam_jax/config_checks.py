@@ -39,6 +39,7 @@ def enumerated_knobs() -> dict[str, Collection[str]]:
         "model.ffn_activation": layers.ACTIVATIONS,
         "model.position": attention.POSITIONS,
         "model.attention_impl": attention.ATTENTION_IMPLS,
+        "model.qk_norm": attention.QK_NORMS,
         "model.remat_policy": model.REMAT_POLICIES,
         "model.remat_scope": model.REMAT_SCOPES,
         "moe.router": routers.ROUTERS,

@@ -77,7 +77,9 @@ def count(config: ml_collections.ConfigDict, seq_len: int | None = None) -> Coun
             embedding += n
         # A matrix by its own axes: the scan's stacked `layers` axis makes a norm scale 2-D.
         own_dims = len([a for a in tuple(logical) if a != "layers"])
-        if own_dims >= 2 and names[-1] not in ("embedding", "rel_bias"):
+        # q/k/v biases [heads, kv] and OLMoE's q/k norm scales [heads, kv] are no matmuls.
+        vector = names[-1] == "scale" or names[-1].endswith("_bias")
+        if own_dims >= 2 and not vector and names[-1] not in ("embedding", "rel_bias"):
             matmul_activated += n * (k_over_e if is_expert else 1.0)
     if mc.tie_embeddings:
         matmul_activated += embedding  # the output softmax reuses the embedding

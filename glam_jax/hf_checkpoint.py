@@ -1,35 +1,43 @@
-"""Hugging Face Mixtral checkpoints <-> glam_jax parameters (one job: convert, both ways).
+"""Hugging Face MoE checkpoints <-> glam_jax parameters (one job: convert, both ways).
 
-A Hugging Face directory holds `config.json` and `*.safetensors` shards (with
-`model.safetensors.index.json` when there are several) in the layout of the published
-Mixtral-8x7B files. `load_mixtral` builds the glam_jax config from config.json, allocates the
-stacked parameters already sharded on the mesh and fills them one layer at a time (each
-tensor read on its own with `safe_open`), so the host never holds more than one layer.
-`save_mixtral` writes the same layout back, one layer per shard.
+Families (by config.json `model_type`, glam_jax/presets/hf_families.py): mixtral, olmoe,
+qwen2_moe (Qwen1.5-MoE, Qwen2-MoE) and qwen3_moe. A directory holds `config.json` and
+`*.safetensors` shards (with `model.safetensors.index.json` when there are several) in the
+layout of the published hub files (experts one key each). `load` builds the glam_jax config
+from config.json, allocates the stacked parameters already sharded on the mesh and fills them
+one layer at a time (each tensor read on its own with `safe_open`), so the host never holds
+more than one layer. `save` writes the same layout back, one layer per shard.
 
-Key mapping (HF Linear weights are [out, in]; P = model.layers.i., B = blocks/layer_0/, and
-glam_jax's stacked parameters hold layer i at index i of their leading `layers` axis):
+Key mapping: ONE table (`layer_rows`), the family supplying only its MoE names. HF Linear
+weights are [out, in]; P = model.layers.i.; L = the glam_jax layer scope of HF layer i (e.g.
+blocks/layer_0 at index i of the stacked `layers` axis; `layer_scopes` places every layer);
+MOE = block_sparse_moe (Mixtral) or mlp; (g, u, d) = (w1, w3, w2) (Mixtral) or
+(gate_proj, up_proj, down_proj).
 
-  Hugging Face key                            glam_jax parameter          conversion
-  model.embed_tokens.weight [V, M]            embed/embedding [V, M]      as is
-  model.norm.weight [M]                       final_norm/scale [M]        as is
-  lm_head.weight [V, M]                       logits [M, V]               transpose
-  P input_layernorm.weight [M]                B pre_attention_norm/scale  as is
-  P post_attention_layernorm.weight [M]       B pre_ffn_norm/scale        as is
-  P self_attn.q_proj.weight [H*D, M]          B attention/query [M, H, D] [H, D, M] -> [M, H, D]
-  P self_attn.k_proj / v_proj.weight [G*D, M] B attention/key, value      same, G kv heads
-  P self_attn.o_proj.weight [M, H*D]          B attention/out [H, D, M]   [M, H, D] -> [H, D, M]
-  P block_sparse_moe.gate.weight [E, M]       B moe/router [M, E]         transpose
-  P block_sparse_moe.experts.j.w1.weight [F, M]  B moe/wi_0[j] [M, F]    transpose (gate)
-  P block_sparse_moe.experts.j.w3.weight [F, M]  B moe/wi_1[j] [M, F]    transpose (up)
-  P block_sparse_moe.experts.j.w2.weight [M, F]  B moe/wo[j] [F, M]      transpose (down)
+  Hugging Face key                          glam_jax parameter           conversion
+  model.embed_tokens.weight [V, M]          embed/embedding [V, M]       as is
+  model.norm.weight [M]                     final_norm/scale [M]         as is
+  lm_head.weight [V, M] (untied only)       logits [M, V]                transpose
+  P input_layernorm.weight [M]              L pre_attention_norm/scale   as is
+  P post_attention_layernorm.weight [M]     L pre_ffn_norm/scale         as is
+  P self_attn.q_proj.weight [H*D, M]        L attention/query [M, H, D]  split heads, move M
+  P self_attn.k_proj / v_proj.weight        L attention/key, value       same, G kv heads
+  P self_attn.o_proj.weight [M, H*D]        L attention/out [H, D, M]    split heads, move M
+  P self_attn.{q,k,v}_proj.bias [H*D]       L attention/query_bias [H, D] split heads (qkv_bias)
+  P self_attn.q_norm.weight [D] or [H*D]    L attention/query_norm/scale  [D] or [H, D] (qk_norm)
+  P self_attn.k_norm.weight                 L attention/key_norm/scale   same with G
+  P MOE.gate.weight [E, M]                  L moe/router [M, E]          transpose
+  P MOE.experts.j.{g,u,d}.weight            L moe/{wi_0,wi_1,wo}[j]      transpose
+  P mlp.shared_expert.{g,u,d}.weight        L shared_expert/{wi_0,...}   transpose (Qwen2-MoE)
+  P mlp.shared_expert_gate.weight [1, M]    L shared_expert/gate [M, 1]  transpose
+  P mlp.{g,u,d}.weight (dense layers)       L ffn/{wi_0,wi_1,wo}         transpose (Qwen)
 
-Mixtral has moe.every=1: one layer per scanned block, so B is the only layer. HF's q/k weights
-are already in the half-split (rotate_half) RoPE layout glam_jax uses: no permutation.
+HF's q/k weights are already in the half-split (rotate_half) RoPE layout glam_jax uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -45,72 +53,95 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from glam_jax import sharding
-from glam_jax.errors import GlamError
-from glam_jax.model import Transformer, frozen
-from glam_jax.presets.base import get_base_config
-from glam_jax.presets.mixtral import mixtral_architecture
+from glam_jax.model import Transformer, frozen, segments
+from glam_jax.presets.hf_families import (
+    DTYPES as DTYPE_NAMES,
+)
+from glam_jax.presets.hf_families import (
+    FAMILIES,
+    Family,
+    HFCheckpointError,
+    config_from_hf,
+)
+
+__all__ = ["HFCheckpointError", "config_from_hf", "load", "load_mixtral", "save", "save_mixtral"]
 
 INDEX_FILE = "model.safetensors.index.json"
-BLOCK = ("blocks", "layer_0")
 # Keys some published checkpoints carry that hold no parameters (RoPE buffers).
 IGNORED_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 SHARD_NAME = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+assert set(DTYPES) == set(DTYPE_NAMES)
 
 
-class HFCheckpointError(GlamError):
-    """A Hugging Face checkpoint that cannot be read or written, in one sentence."""
+# ---- which family a glam_jax config is -------------------------------------------------------
+def layer_kinds_of(config) -> list[str]:
+    """FFN kind of every layer, in order."""
+    return [kind for seg in segments(config) for _ in range(seg.repeats) for kind in seg.pattern]
 
 
-# ---- config --------------------------------------------------------------------------------
-def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
-    """The glam_jax config of a Mixtral config.json (parameters and compute in its dtype)."""
-    if hf.get("model_type") != "mixtral":
-        raise HFCheckpointError(
-            f"config.json has model_type={hf.get('model_type')!r}; only 'mixtral' checkpoints "
-            "can be imported."
-        )
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise HFCheckpointError(
-            f"config.json asks for RoPE scaling {rope!r}; only plain RoPE is supported."
-        )
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("tie_word_embeddings", False):
-        raise HFCheckpointError(
-            "config.json must have hidden_act='silu' and tie_word_embeddings=false, as Mixtral."
-        )
-    config = mixtral_architecture(get_base_config())
+def _family_mismatches(config, family: Family) -> list[str]:
+    """Config fields that keep `config` from being `family`'s architecture."""
     m, e = config.model, config.moe
-    m.vocab_size = int(hf["vocab_size"])
-    m.num_layers = int(hf["num_hidden_layers"])
-    m.embed_dim = int(hf["hidden_size"])
-    m.mlp_dim = int(hf["intermediate_size"])
-    m.num_heads = int(hf["num_attention_heads"])
-    m.num_kv_heads = int(hf.get("num_key_value_heads") or m.num_heads)
-    m.head_dim = int(hf.get("head_dim") or m.embed_dim // m.num_heads)
-    m.max_len = int(hf.get("max_position_embeddings", m.max_len))
-    m.norm_eps = float(hf.get("rms_norm_eps", m.norm_eps))
-    m.rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 1e6)
-    m.sliding_window = int(hf.get("sliding_window") or 0)
-    e.num_experts = int(hf["num_local_experts"])
-    e.num_selected = int(hf["num_experts_per_tok"])
-    e.aux_loss_weight = float(hf.get("router_aux_loss_coef", e.aux_loss_weight))
-    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    m.param_dtype = m.dtype = dtype if dtype in DTYPES else "float32"
-    config.train.seq_len = min(config.train.seq_len, m.max_len)
-    return config
+    wanted = {
+        "model.position": (m.position, "rope"),
+        "model.norm": (m.norm, "rmsnorm"),
+        "model.ffn_activation": (m.ffn_activation, "silu"),
+        "model.ffn_glu": (m.ffn_glu, True),
+        "model.scan_layers": (m.scan_layers, True),  # the converters read stacked layers
+        "moe.router": (e.router, family.router),
+        "model.qk_norm": (m.qk_norm, family.qk_norm),
+        "moe.num_shared_experts": (e.get("num_shared_experts", 0), int(family.shared_expert)),
+        # The auxiliary-loss-free bias steers the routing; no family's layout has it.
+        "moe.expert_bias_update_rate": (e.get("expert_bias_update_rate", 0.0), 0.0),
+    }
+    if family.shared_expert:
+        wanted["moe.shared_expert_gate"] = (e.get("shared_expert_gate"), "sigmoid")
+    if not family.qkv_bias_field:
+        wanted["model.qkv_bias"] = (m.qkv_bias, False)
+    if not family.sliding_window:
+        wanted["model.sliding_window"] = (m.sliding_window, 0)
+    if family.router == "topk":
+        wanted["moe.router_score"] = (e.get("router_score"), "softmax")
+        wanted["moe.routed_scaling_factor"] = (e.get("routed_scaling_factor"), 1.0)
+    if family.expert_width_field == "intermediate_size":
+        width = e.expert_mlp_dim or m.mlp_dim
+        wanted["moe.expert_mlp_dim"] = (width, m.mlp_dim)
+    wrong = [f"{k}={v!r} (needs {w!r})" for k, (v, w) in wanted.items() if v != w]
+    if e.num_experts < 1:
+        wrong.append("moe.num_experts=0 (needs experts)")
+    if not family.sparse_layers and "dense" in layer_kinds_of(config):
+        wrong.append("dense layers (needs every layer MoE)")
+    scale = m.attention_scale
+    if scale and abs(scale - m.head_dim**-0.5) > 1e-12:
+        wrong.append(f"model.attention_scale={scale} (needs 1/sqrt(head_dim))")
+    return wrong
+
+
+def family_for(config) -> str:
+    """The model_type whose layout `config` has, or a refusal naming the closest's mismatches."""
+    found = {t: _family_mismatches(config, f) for t, f in FAMILIES.items()}
+    for model_type, wrong in found.items():
+        if not wrong:
+            return model_type
+    closest = min(found, key=lambda t: len(found[t]))
+    raise HFCheckpointError(
+        f"this config is no Hugging Face family's architecture ({sorted(FAMILIES)}), so it has "
+        f"no Hugging Face layout; closest is {closest}: {', '.join(found[closest])}."
+    )
 
 
 def hf_config(config) -> dict:
-    """config.json for a glam_jax Mixtral config (both the 4.x and 5.x RoPE fields)."""
-    check_mixtral(config)
+    """config.json of a glam_jax config in its family's fields (both RoPE field forms)."""
+    model_type = family_for(config)
+    family = FAMILIES[model_type]
     m, e = config.model, config.moe
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
+    out = {
+        "architectures": [family.architecture],
+        "model_type": model_type,
         "vocab_size": m.vocab_size,
         "hidden_size": m.embed_dim,
-        "intermediate_size": e.expert_mlp_dim or m.mlp_dim,
+        "intermediate_size": m.mlp_dim,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads,
         "num_key_value_heads": m.num_kv_heads or m.num_heads,
@@ -120,47 +151,36 @@ def hf_config(config) -> dict:
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "sliding_window": m.sliding_window or None,
-        "num_local_experts": e.num_experts,
+        family.experts_field: e.num_experts,
         "num_experts_per_tok": e.num_selected,
         "router_aux_loss_coef": e.aux_loss_weight,
         "output_router_logits": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": bool(m.tie_embeddings),
         "attention_dropout": 0.0,
         "initializer_range": m.init_std,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         "dtype": m.param_dtype,
         "torch_dtype": m.param_dtype,
     }
-
-
-def check_mixtral(config) -> None:
-    """Raises unless `config` is the Mixtral architecture the HF layout can express."""
-    m, e = config.model, config.moe
-    wanted = {
-        "model.position": (m.position, "rope"),
-        "model.norm": (m.norm, "rmsnorm"),
-        "model.ffn_activation": (m.ffn_activation, "silu"),
-        "model.ffn_glu": (m.ffn_glu, True),
-        "model.tie_embeddings": (m.tie_embeddings, False),
-        "moe.every": (e.every, 1),
-        "moe.router": (e.router, "topk_softmax"),
-        "moe.num_shared_experts": (e.num_shared_experts, 0),  # Mixtral has none (issue 18)
-        "moe.expert_bias_update_rate": (e.expert_bias_update_rate, 0.0),
-        "model.scan_layers": (m.scan_layers, True),  # the converters read stacked layers
-    }
-    wrong = [f"{k}={v!r} (needs {w!r})" for k, (v, w) in wanted.items() if v != w]
-    if e.num_experts < 1:
-        wrong.append("moe.num_experts=0 (needs experts)")
-    scale = m.attention_scale
-    if scale and abs(scale - m.head_dim**-0.5) > 1e-12:
-        wrong.append(f"model.attention_scale={scale} (needs 1/sqrt(head_dim))")
-    if wrong:
-        raise HFCheckpointError(
-            f"this config is not a Mixtral architecture, so it has no Hugging Face Mixtral "
-            f"layout: {', '.join(wrong)}."
+    if family.expert_width_field != "intermediate_size":
+        out[family.expert_width_field] = e.expert_mlp_dim or m.mlp_dim
+    if family.router == "topk":
+        out["norm_topk_prob"] = bool(e.norm_topk_prob)
+    if family.sliding_window:
+        out["sliding_window"] = m.sliding_window or None
+        out.update(bos_token_id=1, eos_token_id=2)
+    for field, value, _ in family.unsupported:
+        out[field] = value
+    if family.qkv_bias_field:
+        out[family.qkv_bias_field] = bool(m.qkv_bias)
+    if family.shared_expert:
+        out["shared_expert_intermediate_size"] = e.shared_expert_mlp_dim or (
+            e.num_shared_experts * (e.expert_mlp_dim or m.mlp_dim)
         )
+    if family.sparse_layers:
+        kinds = layer_kinds_of(config)
+        out["decoder_sparse_step"] = 1
+        out["mlp_only_layers"] = [i for i, kind in enumerate(kinds) if kind == "dense"]
+    return out
 
 
 def read_config(path: str) -> dict:
@@ -170,55 +190,6 @@ def read_config(path: str) -> dict:
         raise HFCheckpointError(f"{path} has no config.json; it is not a Hugging Face checkpoint.")
     with open(config_path) as f:
         return json.load(f)
-
-
-# ---- key layout ----------------------------------------------------------------------------
-def _layer_keys(i: int, num_experts: int) -> list[str]:
-    p = f"model.layers.{i}."
-    keys = [
-        p + "input_layernorm.weight",
-        p + "post_attention_layernorm.weight",
-        p + "self_attn.q_proj.weight",
-        p + "self_attn.k_proj.weight",
-        p + "self_attn.v_proj.weight",
-        p + "self_attn.o_proj.weight",
-        p + "block_sparse_moe.gate.weight",
-    ]
-    for j in range(num_experts):
-        keys += [p + f"block_sparse_moe.experts.{j}.{w}.weight" for w in ("w1", "w2", "w3")]
-    return keys
-
-
-GLOBAL_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-
-
-def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF layout with the shape `config` implies."""
-    m, e = config.model, config.moe
-    v, d, h, f = m.vocab_size, m.embed_dim, m.num_heads, e.expert_mlp_dim or m.mlp_dim
-    g, hd = m.num_kv_heads or m.num_heads, m.head_dim
-    shapes = {
-        "model.embed_tokens.weight": (v, d),
-        "model.norm.weight": (d,),
-        "lm_head.weight": (v, d),
-    }
-    per_layer = {
-        "input_layernorm.weight": (d,),
-        "post_attention_layernorm.weight": (d,),
-        "self_attn.q_proj.weight": (h * hd, d),
-        "self_attn.k_proj.weight": (g * hd, d),
-        "self_attn.v_proj.weight": (g * hd, d),
-        "self_attn.o_proj.weight": (d, h * hd),
-        "block_sparse_moe.gate.weight": (e.num_experts, d),
-        "w1": (f, d),
-        "w2": (d, f),
-        "w3": (f, d),
-    }
-    for i in range(m.num_layers):
-        for key in _layer_keys(i, e.num_experts):
-            tail = key.split(f"model.layers.{i}.", 1)[1]
-            shapes[key] = per_layer.get(tail, per_layer.get(tail.split(".")[-2]))
-    return shapes
 
 
 class ShardIndex:
@@ -271,15 +242,22 @@ class ShardIndex:
                     "places there; the shard is truncated or from another checkpoint."
                 )
 
-    def check_layout(self, config) -> dict[str, tuple[int, ...]]:
-        """Refuses unknown keys, missing keys and shapes that do not match config.json."""
-        shapes = expected_shapes(config)
-        unknown = sorted(k for k in self.file_of if k not in shapes and not IGNORED_KEY.match(k))
+    def check_layout(
+        self, shapes: dict[str, tuple[int, ...]], optional: set[str] = frozenset()
+    ) -> None:
+        """Refuses unknown keys, missing keys and shapes other than `shapes` (what config.json
+        implies); `optional` keys may be absent."""
+        unknown = sorted(
+            k
+            for k in self.file_of
+            if k not in shapes and k not in optional and not IGNORED_KEY.match(k)
+        )
         if unknown:
+            example = next((k for k in shapes if ".experts." in k), next(iter(shapes)))
             raise HFCheckpointError(
                 f"checkpoint {self.path} has an unknown key layout ({len(unknown)} unexpected "
-                f"keys, first {unknown[0]!r}); expected the Mixtral hub layout with "
-                "per-expert 'model.layers.<i>.block_sparse_moe.experts.<j>.w1' (w2, w3) keys."
+                f"keys, first {unknown[0]!r}); config.json's family stores hub keys like "
+                f"{example!r}."
             )
         missing = [k for k in shapes if k not in self.file_of]
         if missing:
@@ -297,7 +275,6 @@ class ShardIndex:
                             f"tensor {key!r} in {name} has shape {list(got)} but config.json "
                             f"implies {list(shapes[key])}; the weights and config.json differ."
                         )
-        return shapes
 
     def read(self, key: str) -> np.ndarray:
         """The tensor stored under `key`, from whichever shard file holds it."""
@@ -305,71 +282,125 @@ class ShardIndex:
             return f.get_tensor(key)
 
 
-# ---- tensor transforms ---------------------------------------------------------------------
-def _proj_in(w_om: np.ndarray, heads: int) -> np.ndarray:
-    """q/k/v: HF [heads*D, M] -> glam_jax [M, heads, D]."""
-    o, m = w_om.shape
-    return w_om.reshape(heads, o // heads, m).transpose(2, 0, 1)
+# ---- the key table --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """One tensor's conversion: HF array -> glam_jax array of shape `shape`, and back."""
+
+    to_glam: Callable[[np.ndarray, tuple], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple], tuple]
 
 
-def _proj_out(w_mhd: np.ndarray) -> np.ndarray:
-    """q/k/v: glam_jax [M, heads, D] -> HF [heads*D, M]."""
-    m, h, d = w_mhd.shape
-    return w_mhd.transpose(1, 2, 0).reshape(h * d, m)
+SAME = Conv(lambda a, s: a, lambda a: a, lambda s: tuple(s))
+LINEAR = Conv(lambda a, s: a.T, lambda a: a.T, lambda s: tuple(s[::-1]))  # [out, in] <-> [in, out]
+# q/k/v: HF [heads*D, M] <-> glam_jax [M, heads, D]
+HEADS_IN = Conv(
+    lambda a, s: a.reshape(s[1], s[2], s[0]).transpose(2, 0, 1),
+    lambda a: a.transpose(1, 2, 0).reshape(a.shape[1] * a.shape[2], a.shape[0]),
+    lambda s: (s[1] * s[2], s[0]),
+)
+# o: HF [M, H*D] <-> glam_jax [H, D, M]
+HEADS_OUT = Conv(
+    lambda a, s: a.reshape(s[2], s[0], s[1]).transpose(1, 2, 0),
+    lambda a: a.transpose(2, 0, 1).reshape(a.shape[2], a.shape[0] * a.shape[1]),
+    lambda s: (s[2], s[0] * s[1]),
+)
+# biases and OLMoE's q/k norm scales: HF [heads*D] <-> glam_jax [heads, D]
+FLAT = Conv(lambda a, s: a.reshape(s), lambda a: a.reshape(-1), lambda s: (int(np.prod(s)),))
 
 
-def _o_in(w_mo: np.ndarray, heads: int) -> np.ndarray:
-    """o_proj: HF [M, H*D] -> glam_jax [H, D, M]."""
-    m, o = w_mo.shape
-    return w_mo.reshape(m, heads, o // heads).transpose(1, 2, 0)
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """HF key (after 'model.layers.<i>.', with {j} for an expert) <-> glam_jax name (in the
+    layer scope); per-expert rows index the leading expert axis of a stacked parameter."""
+
+    hf: str
+    glam: str
+    conv: Conv
+    per_expert: bool = False
 
 
-def _o_out(w_hdm: np.ndarray) -> np.ndarray:
-    """o_proj: glam_jax [H, D, M] -> HF [M, H*D]."""
-    h, d, m = w_hdm.shape
-    return w_hdm.transpose(2, 0, 1).reshape(m, h * d)
+def layer_rows(config, family: Family, kind: str) -> list[Row]:
+    """THE key table of one decoder layer of FFN kind `kind`; family-specific parts are the
+    MoE block's names, the rest follows the config's features."""
+    m = config.model
+    rows = [
+        Row("input_layernorm.weight", "pre_attention_norm/scale", SAME),
+        Row("post_attention_layernorm.weight", "pre_ffn_norm/scale", SAME),
+        Row("self_attn.q_proj.weight", "attention/query", HEADS_IN),
+        Row("self_attn.k_proj.weight", "attention/key", HEADS_IN),
+        Row("self_attn.v_proj.weight", "attention/value", HEADS_IN),
+        Row("self_attn.o_proj.weight", "attention/out", HEADS_OUT),
+    ]
+    if m.qkv_bias:
+        rows += [Row(f"self_attn.{x}_proj.bias", f"attention/{n}_bias", FLAT) for x, n in _QKV]
+    if m.qk_norm != "none":
+        conv = FLAT if m.qk_norm == "projection" else SAME
+        rows += [
+            Row(f"self_attn.{x}_norm.weight", f"attention/{n}_norm/scale", conv) for x, n in _QK
+        ]
+    gate, up, down = family.expert_names
+    ffn = tuple(zip(("wi_0", "wi_1", "wo"), (gate, up, down), strict=True))
+    if kind == "dense":  # Qwen's dense layers: a Qwen2MoeMLP named `mlp`
+        return rows + [Row(f"mlp.{h}.weight", f"ffn/{g}", LINEAR) for g, h in ffn]
+    moe = family.moe_scope
+    rows.append(Row(f"{moe}.gate.weight", "moe/router", LINEAR))
+    rows += [Row(f"{moe}.experts.{{j}}.{h}.weight", f"moe/{g}", LINEAR, True) for g, h in ffn]
+    if config.moe.get("num_shared_experts", 0):
+        rows += [Row(f"mlp.shared_expert.{h}.weight", f"shared_expert/{g}", LINEAR) for g, h in ffn]
+        rows.append(Row("mlp.shared_expert_gate.weight", "shared_expert/gate", LINEAR))
+    return rows
 
 
-def _layer_from_hf(index: ShardIndex, i: int, config) -> dict[str, np.ndarray]:
-    """Layer i of the HF checkpoint as glam_jax arrays (paths under blocks/layer_0)."""
-    m, e = config.model, config.moe
-    h, g = m.num_heads, m.num_kv_heads or m.num_heads
-    p = f"model.layers.{i}."
-    out = {
-        "pre_attention_norm/scale": index.read(p + "input_layernorm.weight"),
-        "pre_ffn_norm/scale": index.read(p + "post_attention_layernorm.weight"),
-        "attention/query": _proj_in(index.read(p + "self_attn.q_proj.weight"), h),
-        "attention/key": _proj_in(index.read(p + "self_attn.k_proj.weight"), g),
-        "attention/value": _proj_in(index.read(p + "self_attn.v_proj.weight"), g),
-        "attention/out": _o_in(index.read(p + "self_attn.o_proj.weight"), h),
-        "moe/router": index.read(p + "block_sparse_moe.gate.weight").T,
-    }
-    for name, w in (("wi_0", "w1"), ("wi_1", "w3"), ("wo", "w2")):
-        first = index.read(p + f"block_sparse_moe.experts.0.{w}.weight").T
-        stacked = np.empty((e.num_experts, *first.shape), first.dtype)
-        stacked[0] = first
-        for j in range(1, e.num_experts):
-            stacked[j] = index.read(p + f"block_sparse_moe.experts.{j}.{w}.weight").T
-        out[f"moe/{name}"] = stacked
+_QKV = (("q", "query"), ("k", "key"), ("v", "value"))
+_QK = (("q", "query"), ("k", "key"))
+GLOBAL_ROWS = (
+    Row("model.embed_tokens.weight", "embed/embedding", SAME),
+    Row("model.norm.weight", "final_norm/scale", SAME),
+    Row("lm_head.weight", "logits", LINEAR),  # untied heads only
+)
+
+
+def layer_scopes(config) -> list[tuple[str, int, str]]:
+    """(glam_jax scope 'blocks/layer_0', index on its stacked `layers` axis, FFN kind) of each
+    HF layer, in order: segment j is `blocks` (one segment) or `segment_j`."""
+    stack = segments(config)
+    out = []
+    for j, seg in enumerate(stack):
+        name = "blocks" if len(stack) == 1 else f"segment_{j}"
+        for r in range(seg.repeats):
+            out += [(f"{name}/layer_{k}", r, kind) for k, kind in enumerate(seg.pattern)]
     return out
 
 
-def _layer_to_hf(layer: dict[str, np.ndarray], i: int, num_experts: int) -> dict[str, np.ndarray]:
-    """Inverse of _layer_from_hf."""
-    p = f"model.layers.{i}."
-    out = {
-        p + "input_layernorm.weight": layer["pre_attention_norm/scale"],
-        p + "post_attention_layernorm.weight": layer["pre_ffn_norm/scale"],
-        p + "self_attn.q_proj.weight": _proj_out(layer["attention/query"]),
-        p + "self_attn.k_proj.weight": _proj_out(layer["attention/key"]),
-        p + "self_attn.v_proj.weight": _proj_out(layer["attention/value"]),
-        p + "self_attn.o_proj.weight": _o_out(layer["attention/out"]),
-        p + "block_sparse_moe.gate.weight": layer["moe/router"].T,
-    }
-    for name, w in (("wi_0", "w1"), ("wi_1", "w3"), ("wo", "w2")):
-        for j in range(num_experts):
-            out[p + f"block_sparse_moe.experts.{j}.{w}.weight"] = layer[f"moe/{name}"][j].T
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every HF tensor of a config: key -> (glam_jax flat name, layer index or -1, expert or -1,
+    conversion), and the HF shape each must have."""
+
+    entries: dict[str, tuple[str, int, int, Conv]]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def plan(config, glam_shapes: dict) -> Plan:
+    """The Plan of `config`, its HF shapes derived from the glam_jax parameter shapes."""
+    family = FAMILIES[family_for(config)]
+    entries, shapes = {}, {}
+    for row in GLOBAL_ROWS:
+        if row.glam in glam_shapes:
+            entries[row.hf] = (row.glam, -1, -1, row.conv)
+            shapes[row.hf] = row.conv.hf_shape(glam_shapes[row.glam].shape)
+    for i, (scope, r, kind) in enumerate(layer_scopes(config)):
+        for row in layer_rows(config, family, kind):
+            name = f"{scope}/{row.glam}"
+            inner = glam_shapes[name].shape[1:]  # drop the stacked layers axis
+            experts = range(inner[0]) if row.per_expert else [-1]
+            for j in experts:
+                key = f"model.layers.{i}." + row.hf.format(j=j)
+                entries[key] = (name, r, j, row.conv)
+                shapes[key] = row.conv.hf_shape(inner[1:] if row.per_expert else inner)
+    return Plan(entries, shapes)
 
 
 # ---- parameter trees -----------------------------------------------------------------------
@@ -400,51 +431,105 @@ def abstract_params(config, mesh: Mesh):
     return _flat(nn.unbox(boxed)), _flat(sharding.named_shardings(mesh, specs))
 
 
-def load_mixtral(
+def load(
     path: str, mesh: Mesh | None = None, config: ml_collections.ConfigDict | None = None
 ) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, params) of a Hugging Face Mixtral directory, params sharded on `mesh`.
+    """(config, params) of a Hugging Face directory of any supported family, params sharded on
+    `mesh` (default: one device), filled one layer at a time.
 
-    `config` (optional) must describe the same shapes as config.json; its dtypes are used.
+    `config` (optional) must describe the same architecture as config.json; its dtypes are used.
     """
     hf = read_config(path)
+    model_type = hf.get("model_type")
     from_hf = config_from_hf(hf)
     config = config if config is not None else from_hf
-    check_mixtral(config)
+    if family_for(config) != model_type:
+        raise HFCheckpointError(
+            f"the given config is a {family_for(config)} architecture but config.json has "
+            f"model_type={model_type!r}."
+        )
     index = ShardIndex(path)
-    index.check_layout(config)
     mesh = mesh or sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     shapes, shardings = abstract_params(config, mesh)
-    prefix = "/".join(BLOCK) + "/"
+    layout = plan(config, shapes)
+    optional = {"lm_head.weight"} if config.model.tie_embeddings else set()
+    index.check_layout(layout.shapes, optional)
 
     def put(name: str, value: np.ndarray) -> jax.Array:
-        want = shapes[name]
-        return jax.device_put(value.astype(want.dtype), shardings[name])
+        return jax.device_put(value.astype(shapes[name].dtype), shardings[name])
 
-    params = {
-        "embed/embedding": put("embed/embedding", index.read("model.embed_tokens.weight")),
-        "final_norm/scale": put("final_norm/scale", index.read("model.norm.weight")),
-        "logits": put("logits", index.read("lm_head.weight").T),
-    }
-    stacked = {n: a for n, a in shapes.items() if n.startswith(prefix)}
+    params = {}
+    for key, (name, _, _, conv) in layout.entries.items():
+        if name in shapes and not _is_stacked(name):
+            params[name] = put(name, conv.to_glam(index.read(key), shapes[name].shape))
+    if optional & set(index.file_of):
+        _check_tied_head(index, params["embed/embedding"])
+    by_layer: dict[tuple[str, int], dict[str, list]] = {}
+    for key, (name, r, j, conv) in layout.entries.items():
+        if _is_stacked(name):
+            per_name = by_layer.setdefault((_scope_of(name), r), {})
+            per_name.setdefault(name, []).append((key, j, conv))
+    stacked = {n: a for n, a in shapes.items() if _is_stacked(n)}
     with sharding.use_mesh(mesh):
         buffers = jax.jit(
             lambda: {n: jnp.zeros(a.shape, a.dtype) for n, a in stacked.items()},
             out_shardings={n: shardings[n] for n in stacked},
         )()
-        set_layer = _layer_setter(mesh, {n: shardings[n] for n in stacked})
-        for i in range(config.model.num_layers):
-            layer = _layer_from_hf(index, i, config)
-            layer = {
-                prefix + n: jax.device_put(
-                    v.astype(stacked[prefix + n].dtype), _drop_leading(shardings[prefix + n])
+        setters = {}
+        for (scope, r), tensors in by_layer.items():
+            names = sorted(tensors)
+            if scope not in setters:
+                setters[scope] = _layer_setter(mesh, {n: shardings[n] for n in names})
+            layer = {}
+            for name, parts in tensors.items():
+                inner = stacked[name].shape[1:]
+                value = _read_layer_tensor(index, parts, inner)
+                layer[name] = jax.device_put(
+                    value.astype(stacked[name].dtype), _drop_leading(shardings[name])
                 )
-                for n, v in layer.items()
-            }
-            buffers = set_layer(buffers, layer, np.int32(i))
-            del layer
+            updated = setters[scope]({n: buffers[n] for n in names}, layer, np.int32(r))
+            buffers.update(updated)
+            del layer, updated
     params.update(buffers)
     return config, _unflat(params)
+
+
+def load_mixtral(path, mesh=None, config=None):
+    """`load` under its first name (Mixtral was the first family)."""
+    return load(path, mesh, config)
+
+
+def _is_stacked(name: str) -> bool:
+    return name.startswith(("blocks/", "segment_"))
+
+
+def _scope_of(name: str) -> str:
+    """'blocks/layer_0/attention/query' -> 'blocks/layer_0'."""
+    return "/".join(name.split("/")[:2])
+
+
+def _read_layer_tensor(index, parts: list, inner: tuple) -> np.ndarray:
+    """One layer's glam_jax tensor from its HF key (or one key per expert, stacked)."""
+    if parts[0][1] < 0:
+        key, _, conv = parts[0]
+        return conv.to_glam(index.read(key), inner)
+    out = None
+    for key, j, conv in parts:
+        value = conv.to_glam(index.read(key), inner[1:])
+        if out is None:
+            out = np.empty(inner, value.dtype)
+        out[j] = value
+    return out
+
+
+def _check_tied_head(index, embedding) -> None:
+    """A tied checkpoint may still store lm_head.weight; it must be the embedding."""
+    head = index.read("lm_head.weight")
+    if not np.array_equal(head, np.asarray(jax.device_get(embedding)).astype(head.dtype)):
+        raise HFCheckpointError(
+            "config.json has tie_word_embeddings=true but lm_head.weight differs from "
+            "model.embed_tokens.weight; fix tie_word_embeddings."
+        )
 
 
 def _drop_leading(s: NamedSharding) -> NamedSharding:
@@ -464,17 +549,23 @@ def _layer_setter(mesh: Mesh, shardings: dict) -> Callable:
     return jax.jit(set_layer, out_shardings=shardings, donate_argnums=0)
 
 
-def save_mixtral(params, config, path: str, dtype: str | None = None) -> list[str]:
+def save(params, config, path: str, dtype: str | None = None) -> list[str]:
     """Writes config.json and one safetensors shard per layer (+ one for embeddings, one for
-    the head) with an index, in the Mixtral hub layout. Returns the shard file names."""
-    check_mixtral(config)
+    the head) with an index, in the family's hub layout. Returns the shard file names."""
+    hf = hf_config(config)  # refuses a config no family can express
     dtype = dtype or config.model.param_dtype
     if dtype not in DTYPES:
         raise HFCheckpointError(f"cannot write dtype {dtype!r}; valid: {sorted(DTYPES)}.")
     np_dtype = DTYPES[dtype]
     flat = _flat(params)
-    prefix = "/".join(BLOCK) + "/"
-    layers, e = config.model.num_layers, config.moe.num_experts
+    glam_shapes = {n: jax.ShapeDtypeStruct(np.shape(a), a.dtype) for n, a in flat.items()}
+    try:
+        layout = plan(config, glam_shapes)
+    except KeyError as err:
+        raise HFCheckpointError(
+            f"the parameters lack {err.args[0]!r}; they are not a tree of this config."
+        ) from None
+    layers = config.model.num_layers
     os.makedirs(path, exist_ok=True)
     total = layers + 2
     names = [f"model-{k:05d}-of-{total:05d}.safetensors" for k in range(1, total + 1)]
@@ -492,28 +583,30 @@ def save_mixtral(params, config, path: str, dtype: str | None = None) -> list[st
             weight_map[k] = name
             total_bytes += v.nbytes
 
-    try:
-        write(names[0], {"model.embed_tokens.weight": fetch(flat["embed/embedding"])})
-        slice_at = jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False))
-        stacked = {n[len(prefix) :]: a for n, a in flat.items() if n.startswith(prefix)}
-        for i in range(layers):
-            layer = {n: fetch(slice_at(a, np.int32(i))) for n, a in stacked.items()}
-            write(names[i + 1], _layer_to_hf(layer, i, e))
-        write(
-            names[-1],
-            {
-                "model.norm.weight": fetch(flat["final_norm/scale"]),
-                "lm_head.weight": fetch(flat["logits"]).T,
-            },
-        )
-    except KeyError as err:
-        raise HFCheckpointError(
-            f"the parameters lack {err.args[0]!r}; they are not a glam_jax Mixtral tree."
-        ) from None
-    hf = hf_config(config)
+    by_layer: dict[int, dict] = {}
+    for key, entry in layout.entries.items():
+        layer = int(key.split(".")[2]) if key.startswith("model.layers.") else -1
+        by_layer.setdefault(layer, {})[key] = entry
+    glob = {k: e[3].to_hf(fetch(flat[e[0]])) for k, e in by_layer[-1].items()}
+    write(names[0], {"model.embed_tokens.weight": glob.pop("model.embed_tokens.weight")})
+    slice_at = jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False))
+    for i in range(layers):
+        cache: dict[str, np.ndarray] = {}
+        tensors = {}
+        for key, (name, r, j, conv) in by_layer[i].items():
+            if name not in cache:
+                cache[name] = fetch(slice_at(flat[name], np.int32(r)))
+            tensors[key] = conv.to_hf(cache[name][j] if j >= 0 else cache[name])
+        write(names[i + 1], tensors)
+    write(names[-1], glob)
     hf["dtype"] = hf["torch_dtype"] = dtype
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     with open(os.path.join(path, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
     return names
+
+
+def save_mixtral(params, config, path: str, dtype: str | None = None) -> list[str]:
+    """`save` under its first name (Mixtral was the first family)."""
+    return save(params, config, path, dtype)

@@ -71,8 +71,8 @@ def config_for_source(
 
 
 def params_from_hf(path: str, mesh: Mesh, config: ml_collections.ConfigDict | None = None):
-    """(config, params) of a Hugging Face Mixtral directory (see hf_checkpoint)."""
-    return hf_checkpoint.load_mixtral(path, mesh, config)
+    """(config, params) of a Hugging Face directory of any supported family (see hf_checkpoint)."""
+    return hf_checkpoint.load(path, mesh, config)
 
 
 def tokenizer_path(
@@ -89,8 +89,10 @@ def tokenizer_path(
         if os.path.isfile(path):
             return path
         raise PretrainedError(
-            f"{hf_dir} has no tokenizer.model; pass --tokenizer=path/to/tokenizer.model "
-            "(e.g. mistral_common/data/tokenizer.model.v1 for Mixtral)."
+            f"{hf_dir} has no SentencePiece tokenizer.model (OLMoE and Qwen ship a BPE "
+            "tokenizer.json, which glam_jax does not read); pass --tokenizer=path/to/"
+            "tokenizer.model (e.g. mistral_common/data/tokenizer.model.v1 for Mixtral) or "
+            "token-id prompts with --random_prompts."
         )
     data = config.data
     if data.tokenizer_path:

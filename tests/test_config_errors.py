@@ -174,7 +174,7 @@ def test_workdir_that_is_a_file_is_one_sentence(tmp_path):
         ("experiments/eval.py", ["--workdir=/nonexistent/run"], "has no checkpoints/ folder"),
         ("glam_jax/param_count.py", ["--config.moe.routr=x"], 'did you mean "router"?'),
         ("experiments/generate.py", ["--workdir=/nonexistent/run"], "/nonexistent/run"),
-        ("experiments/export_hf.py", ["--out=/tmp/x"], "Mixtral"),
+        ("experiments/export_hf.py", ["--out=/tmp/x"], "no Hugging Face family"),
     ],
 )
 def test_other_clis_refuse_bad_input_in_one_sentence(tool, args, words):

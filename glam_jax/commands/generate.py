@@ -1,4 +1,5 @@
-"""Generates text with a KV cache from a glam_jax workdir, a Hugging Face Mixtral directory, or
+"""Generates text with a KV cache from a glam_jax workdir, a Hugging Face directory (Mixtral,
+OLMoE, Qwen1.5/2/3-MoE: glam_jax/hf_checkpoint.py), or
 random weights (for throughput), and reports tokens/s and time per output token
 (`glam-generate`, experiments/generate.py).
 
@@ -47,7 +48,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "", "A glam_jax training workdir to restore.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: latest).")
-_HF_DIR = flags.DEFINE_string("hf_dir", "", "A Hugging Face Mixtral directory to import.")
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", "", "A Hugging Face directory to import (Mixtral, OLMoE, Qwen MoE)."
+)
 _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Random weights (throughput only).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "SentencePiece .model (else the source's).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
@@ -84,7 +87,8 @@ def _load(mesh_shape):
     model_state = {}  # the expert bias of auxiliary-loss-free balancing, where trained with it
     if _HF_DIR.value:
         config, params = pretrained.params_from_hf(_HF_DIR.value, mesh, config)
-        tok = tok or pretrained.tokenizer_path(None, hf_dir=_HF_DIR.value)
+        if not _RANDOM_PROMPTS.value:  # token-id prompts need no tokenizer
+            tok = tok or pretrained.tokenizer_path(None, hf_dir=_HF_DIR.value)
     elif _WORKDIR.value:
         params, model_state, step = pretrained.state_from_workdir(
             config, _WORKDIR.value, mesh, _STEP.value

@@ -49,6 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     m.remat_scope = "block"  # what remat covers: 'block' (the scan body) or 'ffn' (FFN/MoE only)
     m.dropout_rate = 0.0  # dropout on attention/FFN outputs (GLaM pretraining uses 0)
     m.init_std = 0.02  # stddev of the normal init of projections and embeddings
+    # -- attention features of the Hugging Face MoE families (glam_jax/hf_checkpoint.py) --
+    m.qk_norm = "none"  # RMSNorm of q and k before RoPE: 'none', 'head' (over head_dim,
+    # Qwen3-MoE) or 'projection' (over all heads of the q or k projection at once, OLMoE)
+    m.qkv_bias = False  # learned biases on the q/k/v projections (Qwen2/1.5-MoE)
 
     # ---- mixture of experts -------------------------------------------------------------------
     e = config.moe = ml_collections.ConfigDict()

@@ -14,7 +14,15 @@ PRESETS = os.path.join(ROOT, "glam_jax", "presets")
 
 
 def test_preset_names_are_the_preset_modules_with_get_config():
-    assert names.preset_names() == ["glam", "glam_tiny", "mixtral"]
+    # every module of glam_jax/presets that defines get_config, and nothing else (base,
+    # variants and hf_families are helpers)
+    with_get_config = sorted(
+        f[:-3]
+        for f in os.listdir(PRESETS)
+        if f.endswith(".py") and "\ndef get_config(" in open(os.path.join(PRESETS, f)).read()
+    )
+    assert names.preset_names() == with_get_config
+    assert {"glam", "glam_tiny", "mixtral", "olmoe", "qwen_moe"} <= set(with_get_config)
 
 
 @pytest.mark.parametrize(

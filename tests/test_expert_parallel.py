@@ -81,9 +81,12 @@ def _assert_same(a, b):
         np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("skew", [False, True], ids=["random", "all_on_one_device"])
+# Two meshes x two routings in two cases (each case compiles three layers): data x expert with
+# random routing, expert x model (tensor-parallel experts) with every pair on one device.
 @pytest.mark.parametrize(
-    "mesh_shape", [(2, 4, 1), (1, 4, 2)], ids=["data_x_expert", "expert_x_model"]
+    "mesh_shape, skew",
+    [((2, 4, 1), False), ((1, 4, 2), True)],
+    ids=["data_x_expert-random", "expert_x_model-all_on_one_device"],
 )
 def test_tokens_to_experts_equals_one_device_and_the_all_gather(mesh_shape, skew):
     args = _inputs(skew)

@@ -79,6 +79,12 @@ def check_cached_equals_full(config, mesh_shape, rows, model_state=None):
     prompts = prompts_for(config, rows)
     out = gen.generate(params, prompts, NEW_TOKENS, return_logits=True)
     assert out.steps == NEW_TOKENS and out.logits.shape[:2] == (rows, NEW_TOKENS)
+    assert_cached_equals_full(gen, params, prompts, out, mesh)
+
+
+def assert_cached_equals_full(gen, params, prompts, out, mesh) -> None:
+    """Each cached decoding step's logits equal the full forward over the same prefix
+    (2e-5), and its greedy token is their argmax."""
     b, total = len(prompts), max(map(len, prompts)) + NEW_TOKENS
     full = full_forward_fn(gen)
     for step in range(NEW_TOKENS):

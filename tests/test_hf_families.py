@@ -23,7 +23,7 @@ from glam_jax.errors import GlamError
 from glam_jax.model import Transformer
 from glam_jax.presets import olmoe, qwen_moe
 from tests.helpers import ROOT
-from tests.test_decode import NEW_TOKENS, full_forward_fn, prompts_for
+from tests.test_decode import NEW_TOKENS, assert_cached_equals_full, prompts_for
 
 FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe")
 
@@ -156,19 +156,7 @@ def check_cached_equals_full(family: str, mesh_shape, rows: int) -> None:
     gen = decode.Generator(config, mesh)
     prompts = prompts_for(config, rows)
     out = gen.generate(params, prompts, NEW_TOKENS, return_logits=True)
-    b, total = len(prompts), max(map(len, prompts)) + NEW_TOKENS
-    full = full_forward_fn(gen)
-    for step in range(NEW_TOKENS):
-        seqs = [p + t[:step] for p, t in zip(prompts, out.tokens, strict=True)]
-        tokens, segments, positions = (np.zeros((b, total), np.int32) for _ in range(3))
-        for r, seq in enumerate(seqs):
-            tokens[r, : len(seq)], segments[r, : len(seq)] = seq, 1
-            positions[r, : len(seq)] = np.arange(len(seq))
-        last = np.array([len(s) - 1 for s in seqs], np.int32)
-        with sharding.use_mesh(mesh):
-            ref_bv = np.asarray(full(params, tokens, segments, positions, last))
-        np.testing.assert_allclose(out.logits[:, step], ref_bv, atol=2e-5, rtol=0)
-        np.testing.assert_array_equal(np.asarray(out.tokens)[:, step], ref_bv.argmax(-1))
+    assert_cached_equals_full(gen, params, prompts, out, mesh)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -233,22 +233,24 @@ def _tokamax_gmm_cases(x, w, dy, sizes) -> dict:
         return {}
     import jax
 
-    def general(contract, ragged_lhs, group_rhs):
+    def general(contract, ragged_lhs, group_rhs, implementation):
         numbers = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(contract, ([], [])),
             lhs_ragged_dimensions=ragged_lhs,
             rhs_group_dimensions=group_rhs,
         )
         return lambda a, b: tokamax.ragged_dot_general(
-            a, b, sizes, numbers, implementation="mosaic"
+            a, b, sizes, numbers, implementation=implementation
         )
 
     print(f"  tokamax {tokamax.__version__}", flush=True)
-    return {
-        ("forward", "tokamax"): (general(([1], [1]), [0], [0]), (x, w)),
-        ("input_grad", "tokamax"): (general(([1], [2]), [0], [0]), (dy, w)),
-        ("weight_grad", "tokamax"): (general(([0], [0]), [0], []), (x, dy)),
-    }
+    cases = {}
+    # Mosaic GPU (sm90 wgmma) and Triton kernels, each named in its column.
+    for impl, column in (("mosaic", "tokamax"), ("triton", "tokamax-triton")):
+        cases[("forward", column)] = (general(([1], [1]), [0], [0], impl), (x, w))
+        cases[("input_grad", column)] = (general(([1], [2]), [0], [0], impl), (dy, w))
+        cases[("weight_grad", column)] = (general(([0], [0]), [0], [], impl), (x, dy))
+    return cases
 
 
 def bench_gmm_tune() -> list[dict]:

@@ -265,3 +265,21 @@ def test_a_fine_grained_width_no_kernel_takes_falls_back_or_is_refused():
     with pytest.raises(ValueError, match="not multiples of 256") as err:
         dispatch.resolve_ragged_matmul("blocked", dispatch.Experts(w, None, w))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("exchange", ["all_to_all", "ragged_all_to_all"])
+@pytest.mark.parametrize("skew", [False, True], ids=["random", "all_on_one_device"])
+def test_expert_parallel_exchange_equals_one_device_on_gpus(exchange, skew):
+    """Issue 20 on real GPUs: dropless expert parallelism over an expert axis of 2 (the padded
+    and the ragged all-to-all; XLA:CPU cannot run the ragged one) equals the one-device layer,
+    outputs and gradients, also when every pair goes to one device."""
+    from tests.test_expert_parallel import _inputs, _layer
+
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 or more GPUs")
+    args = _inputs(skew)
+    with jax.default_matmul_precision("highest"):  # f32 references, no TF32
+        single = _layer("gspmd")(*args)
+        spread = _layer(exchange, (1, 2, 1))(*args)
+    for a, b in zip(jax.tree.leaves(spread), jax.tree.leaves(single), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

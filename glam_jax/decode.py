@@ -131,20 +131,31 @@ class PaddedPrompts:
 
 
 def pad_prompts(
-    prompts: Sequence[Sequence[int]], row_multiple: int = 1, pad_id: int = 0
+    prompts: Sequence[Sequence[int]],
+    row_multiple: int = 1,
+    pad_id: int = 0,
+    *,
+    length: int | None = None,
+    rows: int | None = None,
 ) -> PaddedPrompts:
-    """Left-pads token lists to their longest length; adds copies of prompt 0 as filler rows
-    so the batch is a multiple of `row_multiple` (the mesh's batch split)."""
+    """Left-pads token lists to `length` (default: the longest prompt); adds copies of prompt 0
+    as filler rows up to `rows` (default: as many as prompts), rounded up to a multiple of
+    `row_multiple` (the mesh's batch split). Fixed `length` and `rows` let many batches share
+    one compiled shape; padding never changes a prompt's tokens (see the module docstring)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DecodeError("every prompt needs at least one token (a BOS token will do).")
-    rows = list(prompts) + [prompts[0]] * (-len(prompts) % row_multiple)
-    length = max(len(p) for p in rows)
-    b = len(rows)
+    longest = max(len(p) for p in prompts)
+    if length is not None and length < longest:
+        raise DecodeError(f"prompt length {length} is shorter than the longest prompt {longest}.")
+    count = max(rows or 0, len(prompts))
+    filled = list(prompts) + [prompts[0]] * (count - len(prompts) + (-count % row_multiple))
+    length = length or longest
+    b = len(filled)
     tokens = np.full((b, length), pad_id, np.int32)
     segment_ids = np.zeros((b, length), np.int32)
     positions = np.zeros((b, length), np.int32)
-    lengths = np.array([len(p) for p in rows], np.int32)
-    for r, p in enumerate(rows):
+    lengths = np.array([len(p) for p in filled], np.int32)
+    for r, p in enumerate(filled):
         pad = length - len(p)
         tokens[r, pad:] = np.asarray(p, np.int32)
         segment_ids[r, pad:] = 1
@@ -200,10 +211,11 @@ class Generator:
     # ---- shapes and shardings -----------------------------------------------------------
     def _abstract(self, batch: int, length: int):
         """Boxed abstract params and cache of the decode model for a [batch, length] cache."""
-        ids = jnp.zeros((batch, length), jnp.int32)
+        ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)  # no array: nothing compiles
         return jax.eval_shape(
-            lambda rng: self.model.init({"params": rng}, ids, ids, ids, decode=True),
-            jax.random.PRNGKey(0),
+            lambda rng, ids: self.model.init({"params": rng}, ids, ids, ids, decode=True),
+            jax.ShapeDtypeStruct((2,), jnp.uint32),  # a raw PRNG key
+            ids,
         )
 
     def param_shardings(self):
@@ -232,12 +244,14 @@ class Generator:
                 f"batch of {batch} rows is not a multiple of the mesh's batch split "
                 f"{self.rows_multiple()}; pad it with pad_prompts(row_multiple=...)."
             )
-        shapes, shardings = self._cache_shardings(batch, length)
-        make = jax.jit(
-            lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
-            out_shardings=shardings,
-        )
-        return make()
+        key = ("init_cache", batch, length)
+        if key not in self._jitted:  # a new jit (and compile) per call otherwise
+            shapes, shardings = self._cache_shardings(batch, length)
+            self._jitted[key] = jax.jit(
+                lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
+                out_shardings=shardings,
+            )
+        return self._jitted[key]()
 
     # ---- jitted pieces ------------------------------------------------------------------
     def _apply(self, params, cache, tokens_bt, segment_ids_bt, positions_bt):
@@ -348,13 +362,20 @@ class Generator:
         eos_id: int | None = None,
         pad_id: int = 0,
         return_logits: bool = False,
+        prompt_length: int | None = None,
+        batch_rows: int | None = None,
     ) -> Generation:
         """Generates up to `max_new_tokens` per prompt (stopping a row at `eos_id`);
-        return_logits also returns the float32 logits each new token was drawn from."""
+        return_logits also returns the float32 logits each new token was drawn from.
+        prompt_length and batch_rows fix the padded batch shape (`pad_prompts`), so batches of
+        other lengths and sizes reuse one compiled prefill and loop; greedy tokens do not
+        change (sampled ones depend on the batch's shape, as they do on its rows)."""
         sampling.check()
         if max_new_tokens < 1:
             raise DecodeError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-        padded = pad_prompts(prompts, self.rows_multiple(), pad_id)
+        padded = pad_prompts(
+            prompts, self.rows_multiple(), pad_id, length=prompt_length, rows=batch_rows
+        )
         b, p = padded.tokens.shape
         cache = self.init_cache(b, p + max_new_tokens)
         eos = -1 if eos_id is None else int(eos_id)

@@ -22,7 +22,7 @@ Tokens: a text is BOS + its SentencePiece pieces, as in training (documents are 
 context and context + continuation, score the tokens past the context's, the last max_length + 1
 tokens kept. `loglikelihood_rolling` scores a whole text after BOS in disjoint windows of
 max_length tokens; `generate_until` is greedy (or sampled) KV-cache decoding (glam_jax/decode.py)
-cut at the first stop string.
+cut at the first stop string, in batches left-padded to power-of-two lengths (few compiles).
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from glam_jax import checkpoint, config_checks, decode, pretrained, sharding
+from glam_jax import checkpoint, config_checks, decode, pretrained, scoring, sharding
 from glam_jax.errors import GlamError
 from glam_jax.presets import names
-from glam_jax.scoring import Scorer
 
 MODEL_ARGS = ("workdir", "hf_dir", "config", "step", "tokenizer", "mesh", "max_length")
 HARNESS_ARGS = ("batch_size", "max_batch_size", "device")  # lm-eval passes these itself
@@ -130,7 +129,7 @@ class GlamLM(TemplateLM):
         rows = _positive_int("batch_size", batch_size, DEFAULT_BATCH)  # before the slow load
         self.loaded = load(model_args)
         config = self.loaded.config
-        self.scorer = Scorer(config, self.loaded.params, self.loaded.mesh, rows)
+        self.scorer = scoring.Scorer(config, self.loaded.params, self.loaded.mesh, rows)
         self.sp = self.loaded.tokenizer
         limit = int(config.model.max_len)
         self._max_length = _positive_int("max_length", model_args.get("max_length"), limit)
@@ -208,20 +207,36 @@ class GlamLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Continuations of each context, cut before the first stop string (`until`); requests
-        with the same generation settings share batches of `batch_size` prompts."""
+        """Continuations of each context, cut before the first stop string (`until`).
+
+        Requests with the same generation settings share batches of `batch_size` prompts,
+        longest first; a batch is left-padded to a power-of-two length (`scoring.bucket_length`)
+        and filled to `batch_size` rows, so XLA compiles one prefill and one decode loop per
+        length bucket and settings, not per prompt length. Padding is masked exactly
+        (glam_jax/decode.py), so greedy tokens equal those of each prompt decoded alone."""
         groups: dict = {}
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             settings = self._settings(dict(gen_kwargs))
             groups.setdefault(settings, []).append((i, context))
+        generator, rows = self.scorer.generator, self.scorer.batch_size
         out = [""] * len(requests)
         for (until, new, sampling, seed), items in groups.items():
-            for start in range(0, len(items), self.scorer.batch_size):
-                chunk = items[start : start + self.scorer.batch_size]
-                prompts = [self.tok_encode(c)[-(self.max_length - new) :] for _, c in chunk]
-                generation = self.scorer.generator.generate(
-                    self.loaded.params, prompts, new, sampling, seed=seed, eos_id=self.sp.eos_id()
+            limit = self.max_length - new  # prompt tokens kept (the last ones)
+            encoded = [(i, self.tok_encode(c)[-limit:]) for i, c in items]
+            encoded.sort(key=lambda item: -len(item[1]))  # similar lengths share a batch
+            for start in range(0, len(encoded), rows):
+                chunk = encoded[start : start + rows]
+                prompts = [p for _, p in chunk]
+                generation = generator.generate(
+                    self.loaded.params,
+                    prompts,
+                    new,
+                    sampling,
+                    seed=seed,
+                    eos_id=self.sp.eos_id(),
+                    prompt_length=scoring.bucket_length(len(prompts[0]), limit),
+                    batch_rows=rows,
                 )
                 for (i, _), tokens in zip(chunk, generation.tokens, strict=True):
                     text = self.tok_decode(tokens)

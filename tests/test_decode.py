@@ -205,11 +205,23 @@ def test_vocab_limit_never_picks_ids_past_the_tokenizer():
         assert (_draws(sampling) == 0).all()
 
 
+def test_pad_prompts_to_a_fixed_length_and_row_count():
+    padded = decode.pad_prompts([[5, 6], [7]], row_multiple=2, pad_id=9, length=4, rows=3)
+    np.testing.assert_array_equal(
+        padded.tokens, [[9, 9, 5, 6], [9, 9, 9, 7], [9, 9, 5, 6], [9, 9, 5, 6]]
+    )
+    np.testing.assert_array_equal(padded.positions[:2], [[0, 0, 0, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(padded.segment_ids[1], [0, 0, 0, 1])
+    assert padded.lengths.tolist() == [2, 1, 2, 2] and padded.num_prompts == 2
+
+
 def test_bad_sampling_and_lengths_are_refused():
     with pytest.raises(decode.DecodeError, match="top_p"):
         decode.Sampling(top_p=0.0).check()
     with pytest.raises(decode.DecodeError, match="at least one token"):
         decode.pad_prompts([[1, 2], []])
+    with pytest.raises(decode.DecodeError, match="prompt length 2 is shorter than .* 3"):
+        decode.pad_prompts([[1, 2, 3]], length=2)
     gen = decode.Generator(glam_config())
     with pytest.raises(decode.DecodeError, match="model.max_len"):
         gen.init_cache(1, glam_config().model.max_len + 1)

@@ -8,6 +8,7 @@ model's logits, one unpadded sequence at a time, with numpy's log-softmax.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -198,6 +199,62 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(lm, direct):
         )
     )
     assert got == [texts[0], texts[0].split(stop, 1)[0], texts[1]]
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    """A one-item list holding the number of XLA compilations while the block runs."""
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        count[0] += event == "/jax/core/compile/backend_compile_duration"
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+RICHARD = "Now is the winter of our discontent made glorious summer by this sun of York so"
+
+
+def test_generate_until_pads_prompts_to_few_shapes_and_keeps_every_token(lm, direct):
+    """Batches are left-padded to power-of-two lengths, so prompts of new lengths reuse the
+    compiled prefill, loop and cache of their length bucket (one prompt at a time compiles them
+    per length); the tokens are those of each prompt decoded alone (set A) and of greedy full
+    forward passes (set B, more prompts than a batch holds)."""
+    words, new = RICHARD.split(), 5
+    set_a = [" ".join(words[:n]) for n in (1, 5, 8, 12)]  # one batch, padded to 64
+    set_b = [" ".join(words[:n]) for n in (2, 3, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16)]
+    set_c = [c + " and" for c in set_b]  # new lengths, the same buckets as set B's batches
+    lengths = [len(lm.tok_encode(c)) for c in set_a + set_b + set_c]
+    assert len(set(lengths)) > 20 and max(lengths) <= 64 < lm.max_length - new
+    assert lm.scorer.batch_size == 8  # set B: 8 prompts of 24-57 tokens, then 4 of 4-12
+    alone = decode.Generator(lm.loaded.config, lm.loaded.mesh)  # today's per-prompt path
+    sampling = decode.Sampling(vocab_limit=lm.sp.vocab_size())
+    with _count_compiles() as alone_compiles:
+        want = [
+            lm.tok_decode(
+                alone.generate(
+                    lm.loaded.params, [lm.tok_encode(c)], new, sampling, eos_id=lm.sp.eos_id()
+                ).tokens[0]
+            )
+            for c in set_a
+        ]
+    assert alone_compiles[0] >= 2 * len(set_a)  # a prefill and a loop per length
+    kwargs = {"until": [], "max_gen_toks": new}
+    compiles = []
+    for contexts in (set_a, set_b, set_c):
+        with _count_compiles() as count:
+            got = lm.generate_until(_requests("generate_until", [(c, kwargs) for c in contexts]))
+        compiles.append(count[0])
+        if contexts is set_a:
+            assert got == want
+        elif contexts is set_b:
+            assert got == [_greedy_text(lm, direct, c, new) for c in set_b]
+    # A: bucket 64 (cache, prefill, loop); B: bucket 64 again, then 16; C: both compiled
+    assert 0 < compiles[0] <= 3 and 0 < compiles[1] <= 3 and compiles[2] == 0, compiles
 
 
 def test_local_task_scores_equal_scores_from_our_logits(lm, direct, monkeypatch):

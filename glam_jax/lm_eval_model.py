@@ -17,6 +17,11 @@ directory only its dtypes, attention kernel and mesh count), `step`, `tokenizer`
 SentencePiece .model, else the source's), `mesh` (e.g. 1x8x1), `max_length` (<= model.max_len)
 and `batch_size` (rows per forward). Anything else is refused in one sentence.
 
+lm-eval splits the model_args string at commas. Its command line (0.4.13) keeps commas inside
+quotes or brackets (`--model_args 'hf_dir="/data/a,b",mesh=1x8x1'`) and also takes JSON
+(`--model_args '{"hf_dir": "/data/a,b"}'`); `simple_evaluate` splits a string at every comma,
+so pass a dict there. A fragment a comma cut off is refused, naming the value it cut.
+
 Tokens: a text is BOS + its SentencePiece pieces, as in training (documents are BOS ... EOS).
 `loglikelihood(context, continuation)` follows lm-eval's causal models (TemplateLM): encode
 context and context + continuation, score the tokens past the context's, the last max_length + 1
@@ -42,6 +47,11 @@ MODEL_ARGS = ("workdir", "hf_dir", "config", "step", "tokenizer", "mesh", "max_l
 HARNESS_ARGS = ("batch_size", "max_batch_size", "device")  # lm-eval passes these itself
 DEFAULT_BATCH = 16
 DEFAULT_GEN_TOKENS = 64
+COMMA_HINT = (
+    "lm-eval splits --model_args at every comma outside quotes, so quote a value that holds "
+    "one (--model_args 'hf_dir=\"/data/a,b\"'), pass the arguments as JSON, or from Python "
+    "as a dict; config variants also take '+' between parts (glam:size=1_7b+experts=64)"
+)
 
 
 class LMEvalError(GlamError):
@@ -70,14 +80,28 @@ def _mesh_shape(value, config) -> tuple[int, ...]:
     return shape
 
 
-def load(args: dict) -> Loaded:
-    """The model the arguments name (see the module docstring), on this host's devices."""
+def _check_keys(args: dict) -> None:
+    """Refuses unknown keys, and names the value a comma cut: lm-eval's string form of
+    model_args turns the text after a comma that has no '=' into a key with the value ''."""
+    keys = list(args)
+    for i, key in enumerate(keys):
+        if key not in MODEL_ARGS and args[key] == "" and i > 0:
+            before = keys[i - 1]
+            raise LMEvalError(
+                f"--model_args holds {key!r} without '=value', so a comma cut the value "
+                f"{before}={args[before]!r}; {COMMA_HINT}."
+            )
     unknown = sorted(set(args) - set(MODEL_ARGS))
     if unknown:
         raise LMEvalError(
             f"unknown glam_jax model argument(s) {', '.join(unknown)}; "
-            f"valid: {', '.join(MODEL_ARGS)}, batch_size."
+            f"valid: {', '.join(MODEL_ARGS)}, batch_size (if a comma split a value: {COMMA_HINT})."
         )
+
+
+def load(args: dict) -> Loaded:
+    """The model the arguments name (see the module docstring), on this host's devices."""
+    _check_keys(args)
     workdir, hf_dir = str(args.get("workdir") or ""), str(args.get("hf_dir") or "")
     if bool(workdir) == bool(hf_dir):
         raise LMEvalError(

@@ -326,3 +326,43 @@ def test_the_harness_finds_the_model_by_name_and_refuses_bad_model_args(offline,
     assert get_model("glam_jax") is lm_eval_model.GlamLM
     with pytest.raises(GlamError, match="unknown glam_jax model argument"):
         simple_evaluate(model="glam_jax", model_args=f"hf_dir={hf_dir},colour=red", tasks=[TASK])
+
+
+def test_a_value_a_comma_cut_is_refused_naming_the_value(offline, hf_dir):
+    """lm-eval's string form splits at every comma: `mesh=8,1,1` arrives as mesh=8 plus keys
+    '1' with no value."""
+    from glam_jax import lm_eval_model
+
+    with pytest.raises(GlamError) as err:
+        lm_eval_model.GlamLM.create_from_arg_string(f"hf_dir={hf_dir},mesh=8,1,1")
+    message = str(err.value)
+    assert "holds '1' without '=value', so a comma cut the value mesh=8;" in message, message
+    assert message.endswith(".") and ". " not in message and "\n" not in message
+    with pytest.raises(GlamError, match=r"\(s\) experts; valid: .*if a comma split a value"):
+        lm_eval_model.GlamLM.create_from_arg_string(
+            f"hf_dir={hf_dir},config=glam_tiny:k=2,experts=4"
+        )
+
+
+def test_commas_pass_quoted_or_as_json_on_the_command_line(offline, hf_dir, tmp_path, monkeypatch):
+    """The README's ways through lm-eval's own command-line parser: a quoted value and JSON keep
+    their commas (a model directory with a comma in its name, mesh=8,1,1)."""
+    import sys
+
+    from lm_eval._cli import HarnessCLI
+
+    from glam_jax import lm_eval_model
+
+    comma_dir = str(tmp_path / "mixtral,tiny")
+    shutil.copytree(hf_dir, comma_dir)
+    parsed = []
+    for value in (
+        f'hf_dir="{comma_dir}",mesh="8,1,1",batch_size=2',
+        json.dumps({"hf_dir": comma_dir, "mesh": "8,1,1", "batch_size": 2}),
+    ):
+        argv = ["glam-lm-eval", "--model", "glam_jax", "--model_args", value, "--tasks", TASK]
+        monkeypatch.setattr(sys, "argv", argv)
+        parsed.append(HarnessCLI().parse_args().model_args)
+    assert parsed[0] == parsed[1] == {"hf_dir": comma_dir, "mesh": "8,1,1", "batch_size": 2}
+    lm = lm_eval_model.GlamLM.create_from_arg_obj(parsed[0])
+    assert tuple(lm.loaded.mesh.shape.values()) == (8, 1, 1) and lm.scorer.batch_size == 8

@@ -332,16 +332,10 @@ def plot(study: dict, out: Path) -> list[str]:
         losses = [x for a in study["arms"] for x in a["eval_curve"]["eval_loss"]]
         low = min(losses)
         ax.set_ylim(low - 0.05 * abs(low), min(max(losses), low + 2.0))
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out loss (nats/token)")
-        ax.set_title(f"MoE vs dense at equal activated FLOPs: loss vs {label}")
         ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
         path = out / f"moe_vs_dense_loss_vs_{x_name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        title = f"MoE vs dense at equal activated FLOPs: loss vs {label}"
+        written.append(_save(plt, fig, ax, path, (label, "held-out loss (nats/token)"), title))
     gap = _plot_gap(study, out, plt)
     if gap:
         written.append(gap)
@@ -379,12 +373,18 @@ def _plot_gap(study: dict, out: Path, plt) -> str | None:
         style = "-o" if seed == "0" else "--o"
         ax.plot(steps, gap, style, ms=3, color=colours[arm], label=name)
     ax.axhline(0.0, color="C0", lw=1.0, label="dense (same seed)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out loss − dense's (nats/token)")
-    ax.set_title("MoE minus dense at equal activated FLOPs (below 0: MoE ahead)")
     ax.legend(fontsize=8, ncol=2)
+    labels = ("training step", "held-out loss − dense's (nats/token)")
+    title = "MoE minus dense at equal activated FLOPs (below 0: MoE ahead)"
+    return _save(plt, fig, ax, out / "moe_vs_dense_gap_vs_steps.png", labels, title)
+
+
+def _save(plt, fig, ax, path: Path, labels: tuple[str, str], title: str) -> str:
+    """Axis labels, title and grid, then the PNG; returns its path."""
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    path = out / "moe_vs_dense_gap_vs_steps.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -407,16 +407,10 @@ def _plot_distillation(study: dict, out: Path, plt) -> str:
     losses = [x for d in runs for x in d["eval_curve"]["eval_loss"]]
     low = min(losses + [ref["teacher_eval_loss"]])
     ax.set_ylim(low - 0.05 * abs(low), low + 1.0)
-    ax.set_xlabel("student training step")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Distilling the MoE teacher into a dense student")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    path = out / "moe_vs_dense_distillation.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    labels = ("student training step", "held-out loss (nats/token)")
+    title = "Distilling the MoE teacher into a dense student"
+    return _save(plt, fig, ax, out / "moe_vs_dense_distillation.png", labels, title)
 
 
 def write_report(study: dict, out: Path) -> None:

@@ -214,7 +214,7 @@ class Generator:
         ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)  # no array: nothing compiles
         return jax.eval_shape(
             lambda rng, ids: self.model.init({"params": rng}, ids, ids, ids, decode=True),
-            jax.ShapeDtypeStruct((2,), jnp.uint32),  # a raw PRNG key
+            jax.eval_shape(lambda: jax.random.PRNGKey(0)),  # the key's shape, whatever the impl
             ids,
         )
 

@@ -78,7 +78,9 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config that `save_run_config` wrote (JSON lists become the tuples they were)."""
+    """The config that `save_run_config` wrote (JSON lists become the tuples they were), over
+    today's defaults: a field added after the workdir was written held its default value there.
+    """
     path = os.path.join(workdir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise CheckpointError(
@@ -92,8 +94,14 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in value)
         return value
 
+    def over(default, saved):
+        if isinstance(default, dict) and isinstance(saved, dict):
+            return {**default, **{key: over(default.get(key), v) for key, v in saved.items()}}
+        return saved
+
     with open(path) as f:
-        return ml_collections.ConfigDict(tuples(json.load(f)))
+        saved = tuples(json.load(f))
+    return ml_collections.ConfigDict(over(get_base_config().to_dict(), saved))
 
 
 def allgather_json(value: Any) -> list[Any]:

@@ -332,19 +332,63 @@ def plot(study: dict, out: Path) -> list[str]:
         losses = [x for a in study["arms"] for x in a["eval_curve"]["eval_loss"]]
         low = min(losses)
         ax.set_ylim(low - 0.05 * abs(low), min(max(losses), low + 2.0))
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out loss (nats/token)")
-        ax.set_title(f"MoE vs dense at equal activated FLOPs: loss vs {label}")
         ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
         path = out / f"moe_vs_dense_loss_vs_{x_name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        title = f"MoE vs dense at equal activated FLOPs: loss vs {label}"
+        written.append(_save(plt, fig, ax, path, (label, "held-out loss (nats/token)"), title))
+    gap = _plot_gap(study, out, plt)
+    if gap:
+        written.append(gap)
     if any("eval_curve" in d for d in study.get("distillation") or []):
         written.append(_plot_distillation(study, out, plt))
     return written
+
+
+def gaps_to_dense(study: dict) -> dict[str, tuple[list[int], list[float]]]:
+    """run name -> (steps, held-out loss minus the same-seed dense run's) for every MoE run that
+    has a dense twin, at the evaluations both share."""
+    dense = {a["seed"]: a["eval_curve"] for a in study["arms"] if a["experts"] == 0}
+    gaps = {}
+    for a in sorted(study["arms"], key=lambda a: (a["experts"], a["arm"], a["seed"])):
+        if not a["experts"] or a["seed"] not in dense:
+            continue
+        ref = dict(zip(dense[a["seed"]]["step"], dense[a["seed"]]["eval_loss"], strict=True))
+        curve = zip(a["eval_curve"]["step"], a["eval_curve"]["eval_loss"], strict=True)
+        pairs = [(s, x - ref[s]) for s, x in curve if s in ref]
+        gaps[run_name(a["arm"], a["seed"])] = ([s for s, _ in pairs], [g for _, g in pairs])
+    return gaps
+
+
+def _plot_gap(study: dict, out: Path, plt) -> str | None:
+    """gaps_to_dense as lines: gaps of a few hundredths of a nat are invisible on the loss
+    plot's scale."""
+    gaps = gaps_to_dense(study)
+    if not gaps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    arms = dict.fromkeys(name.rsplit("_s", 1)[0] for name in gaps)
+    colours = {arm: f"C{i + 1}" for i, arm in enumerate(arms)}
+    for name, (steps, gap) in gaps.items():
+        arm, seed = name.rsplit("_s", 1)
+        style = "-o" if seed == "0" else "--o"
+        ax.plot(steps, gap, style, ms=3, color=colours[arm], label=name)
+    ax.axhline(0.0, color="C0", lw=1.0, label="dense (same seed)")
+    ax.legend(fontsize=8, ncol=2)
+    labels = ("training step", "held-out loss − dense's (nats/token)")
+    title = "MoE minus dense at equal activated FLOPs (below 0: MoE ahead)"
+    return _save(plt, fig, ax, out / "moe_vs_dense_gap_vs_steps.png", labels, title)
+
+
+def _save(plt, fig, ax, path: Path, labels: tuple[str, str], title: str) -> str:
+    """Axis labels, title and grid, then the PNG; returns its path."""
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _plot_distillation(study: dict, out: Path, plt) -> str:
@@ -363,16 +407,10 @@ def _plot_distillation(study: dict, out: Path, plt) -> str:
     losses = [x for d in runs for x in d["eval_curve"]["eval_loss"]]
     low = min(losses + [ref["teacher_eval_loss"]])
     ax.set_ylim(low - 0.05 * abs(low), low + 1.0)
-    ax.set_xlabel("student training step")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Distilling the MoE teacher into a dense student")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    path = out / "moe_vs_dense_distillation.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    labels = ("student training step", "held-out loss (nats/token)")
+    title = "Distilling the MoE teacher into a dense student"
+    return _save(plt, fig, ax, out / "moe_vs_dense_distillation.png", labels, title)
 
 
 def write_report(study: dict, out: Path) -> None:

@@ -251,6 +251,19 @@ def _stop_preempted(done: int, tc: ml_collections.ConfigDict, ckpt, bar) -> None
     say(f"Preempted (SIGTERM): {saved}.", bar)
 
 
+def _say_model(config, counts, mesh, data) -> None:
+    """The start-up lines: model size, mesh, data and how the weights are stored."""
+    say(
+        f"Model: {counts.total_params / 1e6:.4g}M params, "
+        f"{counts.activated_params / 1e6:.4g}M activated/token, "
+        f"{counts.flops_per_token / 1e9:.4g} GFLOP/token (train); mesh {dict(mesh.shape)}; "
+        f"{data.num_train_documents} train / {data.num_eval_documents} eval documents."
+    )
+    note = optim.weight_storage_note(config)
+    if note:
+        say(note)
+
+
 @sharding.with_config_rules
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, hooks: TrainHooks | None = None
@@ -274,12 +287,7 @@ def train_and_evaluate(
     counts = flops.count(config)
     peak = flops.peak_flops(jax.devices()[0].device_kind, tc.peak_tflops)
     mfu_denominator = peak * jax.device_count() / counts.flops_per_token if peak else None
-    say(
-        f"Model: {counts.total_params / 1e6:.4g}M params, "
-        f"{counts.activated_params / 1e6:.4g}M activated/token, "
-        f"{counts.flops_per_token / 1e9:.4g} GFLOP/token (train); mesh {dict(mesh.shape)}; "
-        f"{data.num_train_documents} train / {data.num_eval_documents} eval documents."
-    )
+    _say_model(config, counts, mesh, data)
     train_step = hooks.make_train_step(config, model, tx, mesh, shardings)
     eval_step = steps.make_eval_step(config, model, mesh, shardings.params, shardings.model_state)
     tokens_per_step = tc.batch_size * tc.seq_len

@@ -6,6 +6,8 @@ all-gather version ('gspmd'), in outputs and gradients, on data x expert and exp
 meshes and with routing so unbalanced that one device receives every pair.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +125,11 @@ def test_the_exchange_sends_tokens_and_never_gathers_expert_weights():
     assert "all-gather" in gathered  # ... where the per-device layer gathers them
     ragged = _collectives("ragged_all_to_all")
     assert "ragged_all_to_all" in ragged or "ragged-all-to-all" in ragged
+    # Rows [*, M] move by gathers both ways, forward and backward: the only scatters left are
+    # the integer bincounts of the group sizes (a scatter-add of rows is atomics on a GPU).
+    scatters = re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} scatter\(", hlo)
+    assert scatters and all(dtype == "s32" and "," not in dims for dtype, dims in scatters)
+    assert len(re.findall(r" gather\(", hlo)) >= 8
 
 
 def test_pairs_not_dispatched_get_no_row_in_the_kernel_layout():

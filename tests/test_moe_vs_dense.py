@@ -47,8 +47,8 @@ def test_tiny_study_writes_json_plots_and_table(tmp_path):
     assert "distill_retained_fraction" in study
     table = (out / "moe_vs_dense_table.md").read_text()
     assert "| dense_s0 |" in table and "| moe8_s0 |" in table
-    for name in ("steps", "wallclock"):
-        assert (out / f"moe_vs_dense_loss_vs_{name}.png").stat().st_size > 10_000
+    for name in ("loss_vs_steps", "loss_vs_wallclock", "gap_vs_steps"):
+        assert (out / f"moe_vs_dense_{name}.png").stat().st_size > 10_000
 
     # checkpoint_every=-1 keeps nothing, --keep keeps the final checkpoint.
     def saved_steps(run):
@@ -115,6 +115,13 @@ def test_headline_ratios_pair_each_seed_with_its_dense_run():
     assert seed1["seed"] == 1 and seed1["steps_ratio"] == pytest.approx((300 + 500 / 6) / 400)
     assert seed1["loss_gap"] == pytest.approx(0.1)
     assert study["seed_spread"]["dense"]["range"] == pytest.approx(0.2)
+    for a in study["arms"]:
+        a["experts"] = 0 if a["arm"] == "dense" else int(a["arm"][3:])
+    gaps = study_report.gaps_to_dense(study)
+    assert list(gaps) == ["moe16_s0", "moe16_s1", "moe64_s0"]  # each MoE run with a dense twin
+    steps, gap = gaps["moe16_s1"]  # against dense seed 1, not seed 0
+    assert steps == [100, 200, 300, 400]
+    assert gap == pytest.approx([-0.5, -0.5, -0.3, -0.1])
 
 
 def test_distillation_and_repeats_join_the_report(tmp_path):

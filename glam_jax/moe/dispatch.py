@@ -27,9 +27,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from glam_jax.layers import activation_fn, constrain
-from glam_jax.moe import exchange
+from glam_jax.moe import exchange, rows
 from glam_jax.moe.capacity import assign_slots, kept_gates
 from glam_jax.moe.routers import ExpertChoiceRouting, Routing
+from glam_jax.moe.rows import gather_rows
 
 DISPATCHES = ("einsum", "sort", "dropless")
 
@@ -139,10 +140,11 @@ def _dropless_sorted(
     valid_p = dispatch_mask_gtk.reshape(-1)
     e_p = jnp.where(valid_p, expert_index_gtk.reshape(-1), e)
     order_p = jnp.argsort(e_p, stable=True)
-    xs_pm = jnp.take(x_nm, order_p // k, axis=0)
+    inverse_p = rows.inverse_permutation(order_p)  # gathers both ways, as in the blocked path
+    xs_pm = rows.gather_rows(x_nm, order_p // k, inverse_p.reshape(g * t, k))
     group_sizes_e = jnp.bincount(e_p, length=e)  # drops key E
     ys_pm = experts.ragged(xs_pm, lambda x, w: ragged_dot(x, w, group_sizes_e))
-    y_pm = jnp.zeros_like(ys_pm).at[order_p].set(ys_pm)
+    y_pm = rows.gather_rows(ys_pm, inverse_p, order_p[:, None])
     # rows outside every group are left undefined by some kernels: zero them, not 0 * value
     y_pm = jnp.where(valid_p[:, None], y_pm, jnp.zeros((), y_pm.dtype))
     return _combine_pairs(y_pm, weights_gtk, dispatch_mask_gtk)
@@ -190,28 +192,6 @@ def resolve_ragged_matmul(name: str, experts: Experts | None = None) -> str:
             f"moe.ragged_matmul={name!r} cannot run here: {reasons[name]}; use 'auto' or 'xla'."
         )
     return "xla"
-
-
-@jax.custom_vjp
-def gather_rows(x_nm: jax.Array, index_i: jax.Array, inverse_nc: jax.Array) -> jax.Array:
-    """x[index] -> [I, M], where index == N gives a zero row.
-
-    inverse_nc lists for each row n of x the positions i with index[i] == n (padded with I),
-    so the gradient is a gather and a sum too, not a scatter-add (atomics on a GPU).
-    """
-    return jnp.take(x_nm, index_i, axis=0, mode="fill", fill_value=0)
-
-
-def _gather_rows_fwd(x_nm, index_i, inverse_nc):
-    return gather_rows(x_nm, index_i, inverse_nc), inverse_nc
-
-
-def _gather_rows_bwd(inverse_nc, dy_im):
-    dx_ncm = jnp.take(dy_im, inverse_nc, axis=0, mode="fill", fill_value=0)
-    return jnp.sum(dx_ncm, axis=1, dtype=dy_im.dtype), None, None
-
-
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def einsum_dispatch(

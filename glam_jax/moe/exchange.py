@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from glam_jax import sharding
+from glam_jax.moe import rows
 
 
 def expert_all_to_all(fn, x_egcm: jax.Array, experts):
@@ -128,7 +129,11 @@ def expert_parallel_dropless(
         key_p = jnp.where(valid_p, index.reshape(p), e)  # not dispatched: key E, sorted last
         order_p = jnp.argsort(key_p, stable=True)
         key_s = key_p[order_p]
-        rows_sm = jnp.take(x.reshape(g * t, m), order_p // k, axis=0)
+        # Every row move below is a gather whose gradient is a gather (rows.gather_rows): the
+        # sorted row s of pair order_p[s] reads token order_p[s] // k, and token n's k pairs
+        # sit at the sorted positions inverse[n * k : n * k + k].
+        inverse_p = rows.inverse_permutation(order_p)
+        rows_sm = rows.gather_rows(x.reshape(g * t, m), order_p // k, inverse_p.reshape(g * t, k))
         expert_s = jnp.where(key_s < e, key_s % e_local, e_local)  # the receiver's expert id
         r = route(key_s // e_local, n, expert_axis)  # owning device of each pair (n: none)
         recv_rm, recv_expert_r = r.send(rows_sm), r.send(expert_s, fill=e_local)
@@ -143,7 +148,7 @@ def expert_parallel_dropless(
         if sum_hidden:  # partial sums over the hidden width
             y_rm = jax.lax.psum(y_rm, mlp_axis)
         y_sm = r.receive_back(y_rm)
-        y_pm = jnp.zeros_like(y_sm).at[order_p].set(y_sm)
+        y_pm = rows.gather_rows(y_sm, inverse_p, order_p[:, None])  # back to pair order
         w_p = jnp.where(valid_p, weights.reshape(p), 0.0).astype(y_pm.dtype)
         return jnp.sum((y_pm * w_p[:, None]).reshape(g, t, k, m), axis=2)
 
@@ -158,28 +163,38 @@ def expert_parallel_dropless(
 
 
 class _PaddedRoute:
-    """Rows sorted by owning device -> [n, P] slots, one all-to-all each way."""
+    """Rows sorted by owning device -> [n, P] slots, one all-to-all each way.
+
+    Slot j of the flat [n * P] send buffer holds sorted row source_j (P: an empty slot, a
+    zero row); sorted row s sits in slot place_s (n * P: nowhere, a pair not dispatched). Each
+    map is the other's inverse, so both moves and their gradients are gathers.
+    """
 
     def __init__(self, dest_s, n, axis):
         (p,) = dest_s.shape
         count_d = jnp.bincount(dest_s, length=n)  # drops dest n (pairs not dispatched)
         start_d = jnp.cumsum(count_d) - count_d
-        self.dest_s = dest_s  # n for a pair that goes nowhere: dropped by mode='drop'
-        self.slot_s = jnp.arange(p) - start_d[jnp.minimum(dest_s, n - 1)]
+        slot_s = jnp.arange(p) - start_d[jnp.minimum(dest_s, n - 1)]
+        self.place_s = jnp.where(dest_s < n, dest_s * p + slot_s, n * p)
+        d_j, i_j = jnp.divmod(jnp.arange(n * p), p)
+        self.source_j = jnp.where(i_j < count_d[d_j], start_d[d_j] + i_j, p)
         self.n, self.p, self.axis = n, p, axis
 
     def send(self, v_s, fill=0):
         """[P, ...] sorted rows -> [n * P, ...] received, block s from device s."""
-        buf = jnp.full((self.n, self.p, *v_s.shape[1:]), fill, v_s.dtype)
-        buf = buf.at[self.dest_s, self.slot_s].set(v_s, mode="drop")
+        if jnp.issubdtype(v_s.dtype, jnp.floating):
+            buf = rows.gather_rows(v_s, self.source_j, self.place_s[:, None])
+        else:  # labels (expert ids): no gradient, empty slots get `fill`
+            buf = jnp.take(v_s, self.source_j, axis=0, mode="fill", fill_value=fill)
+        buf = buf.reshape(self.n, self.p, *v_s.shape[1:])
         out = jax.lax.all_to_all(buf, self.axis, 0, 0, tiled=True)
         return out.reshape(self.n * self.p, *v_s.shape[1:])
 
     def receive_back(self, y_r):
         """[n * P, M] results -> [P, M] in the sorted order they were sent (0 if not sent)."""
         back = jax.lax.all_to_all(y_r.reshape(self.n, self.p, -1), self.axis, 0, 0, tiled=True)
-        got = back.at[self.dest_s, self.slot_s].get(mode="fill", fill_value=0)
-        return got
+        back = back.reshape(self.n * self.p, -1)
+        return rows.gather_rows(back, self.place_s, self.source_j[:, None])
 
 
 class _RaggedRoute:

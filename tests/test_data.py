@@ -16,6 +16,10 @@ from configs.base import get_base_config
 from glam_jax.data import DataBundle, DataError, create_datasets, pipeline, text_corpus
 from glam_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the tokenized corpora
+# (module fixtures) are built once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("data")
+
 SEQ_LEN = 64
 REPO = Path(__file__).resolve().parents[1]
 

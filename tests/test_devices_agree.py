@@ -1,5 +1,6 @@
 """One jitted forward+backward gives the same loss and gradients on 1 device and on 8."""
 
+import functools
 import re
 
 import jax
@@ -11,6 +12,16 @@ from glam_jax import optim, sharding, steps
 from glam_jax.model import frozen
 from glam_jax.moe import MoE
 from tests.helpers import random_batch, tiny_config
+
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the cached 1-device
+# steps serve two tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("devices_agree")
+
+
+@functools.cache
+def _one_step_of(dispatch: str, mesh_shape):
+    """Loss metrics and params after one step; cached, as the 1-device run serves two tests."""
+    return _one_step(tiny_config(dispatch=dispatch), mesh_shape)
 
 
 def _one_step(config, mesh_shape):
@@ -25,9 +36,8 @@ def _one_step(config, mesh_shape):
 
 @pytest.mark.parametrize("dispatch", ["einsum", "dropless"])
 def test_loss_and_update_match_on_1_and_8_devices(dispatch):
-    config = tiny_config(dispatch=dispatch)
-    m1, p1 = _one_step(config, (1, 1, 1))
-    m8, p8 = _one_step(config, (2, 4, 1))
+    m1, p1 = _one_step_of(dispatch, (1, 1, 1))
+    m8, p8 = _one_step_of(dispatch, (2, 4, 1))
     assert abs(float(m1["loss"]) - float(m8["loss"])) < 1e-5
     assert abs(float(m1["aux_loss"]) - float(m8["aux_loss"])) < 1e-5
     assert abs(float(m1["grad_norm"]) - float(m8["grad_norm"])) < 1e-4
@@ -39,9 +49,8 @@ def test_loss_and_update_match_on_1_and_8_devices(dispatch):
 @pytest.mark.parametrize("dispatch", ["einsum", "dropless"])
 def test_model_parallel_axis_gives_the_same_loss(dispatch):
     """Tensor parallelism over `model` (heads, mlp, vocab split) does not change the maths."""
-    config = tiny_config(dispatch=dispatch)
-    m1, _ = _one_step(config, (1, 1, 1))
-    m_tp, _ = _one_step(config, (2, 2, 2))
+    m1, _ = _one_step_of(dispatch, (1, 1, 1))
+    m_tp, _ = _one_step_of(dispatch, (2, 2, 2))
     assert abs(float(m1["loss"]) - float(m_tp["loss"])) < 1e-5
 
 

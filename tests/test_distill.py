@@ -21,6 +21,10 @@ from glam_jax.metrics_writer import read_metrics
 from glam_jax.optim import make_optimizer
 from tests.helpers import ROOT, tiny_config
 
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the teacher fixtures
+# are built once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("distill")
+
 # ---- the loss against numpy -------------------------------------------------------------------
 
 

@@ -19,6 +19,10 @@ from glam_jax import checkpoint, config_checks, optim, sharding, steps, train
 from glam_jax.moe.capacity import MoEError
 from tests.helpers import random_batch, tiny_config
 
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the two training runs
+# (a module fixture) are computed once, not per xdist worker.
+pytestmark = pytest.mark.xdist_group("expert_bias")
+
 GAMMA = 0.01  # high for a 20-step test (DeepSeek-V3 used 0.001 over a long run)
 SKEW = 0.15  # added to every entry of expert 0's router column: max/mean load ~1.4-1.6
 

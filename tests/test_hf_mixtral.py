@@ -22,6 +22,10 @@ from glam_jax.errors import GlamError
 from glam_jax.model import Transformer
 from tests.helpers import ROOT
 
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the imported
+# checkpoint and its generator are built once, not per xdist worker.
+pytestmark = pytest.mark.xdist_group("hf_mixtral")
+
 FIXTURE = os.path.join(ROOT, "tests", "testdata", "hf_mixtral_tiny")
 
 

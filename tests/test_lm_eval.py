@@ -17,6 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the lm-eval model (a
+# module fixture) is compiled once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("lm_eval")
+
 lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
 
 from glam_jax import decode, sharding  # noqa: E402

@@ -23,6 +23,10 @@ from glam_jax.data.text_corpus import DataError
 from glam_jax.metrics_writer import read_metrics
 from tests.helpers import ROOT, random_batch, tiny_config
 
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the unbroken run (a
+# module fixture) is computed once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 STEPS = 16
 CHECKPOINT_EVERY = 4
 

@@ -10,6 +10,10 @@ import pytest
 from glam_jax import steps
 from tests.helpers import random_batch, tiny_config
 
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the cached no-remat
+# reference serves every case on one xdist worker.
+pytestmark = pytest.mark.xdist_group("remat")
+
 
 @functools.cache
 def _loss_and_grads(policy: str, scope: str):

@@ -26,6 +26,10 @@ from glam_jax.metrics_writer import read_metrics
 from glam_jax.presets import glam_tiny
 from tests.helpers import ROOT
 
+# --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the wheel and venv
+# fixtures are built once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("wheel")
+
 SCRIPTS = ("glam-train", "glam-eval", "glam-generate", "glam-param-count", "glam-lm-eval")
 TRAIN_FLAGS = (
     "--config.train.steps=8",

@@ -24,6 +24,7 @@ import ml_collections
 from glam_jax.errors import GlamError
 from glam_jax.presets.base import get_base_config
 from glam_jax.presets.mixtral import mixtral_architecture
+from glam_jax.presets.variants import parse_variant
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -235,3 +236,13 @@ def preset(
     t.steps, t.learning_rate, t.warmup_steps = 600, 0.05, 50
     t.log_every, t.eval_every, t.checkpoint_every = 25, 200, 200
     return config
+
+
+def sized_preset(arg: str | None, sizes: dict, family: str) -> ml_collections.ConfigDict:
+    """A family module's get_config: variant `size=` names a row of `sizes`, (config.json
+    fields, published name, published total and activated parameters); `tiny` by default."""
+    size = parse_variant(
+        arg, {"size": "tiny"}, positional="size", choices={"size": sizes}, where=family
+    )["size"]
+    hf, name, total, activated = sizes[size]
+    return preset(hf, paper_name=name, total=total, activated=activated)

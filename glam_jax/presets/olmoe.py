@@ -12,8 +12,7 @@ at revision c1b31da), read by the same code that imports checkpoints (hf_familie
 
 import ml_collections
 
-from glam_jax.presets.hf_families import preset
-from glam_jax.presets.variants import parse_variant
+from glam_jax.presets.hf_families import sized_preset
 
 OLMOE_1B_7B = {
     "model_type": "olmoe",
@@ -52,8 +51,4 @@ SIZES = {"1b_7b": (OLMOE_1B_7B, "OLMoE-1B-7B", 6.9e9, 1.3e9), "tiny": (TINY, "",
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """An OLMoE size (variant `size=`): the published 1b_7b or a CPU-sized tiny one."""
-    size = parse_variant(
-        arg, {"size": "tiny"}, positional="size", choices={"size": SIZES}, where="OLMoE"
-    )["size"]
-    hf, name, total, activated = SIZES[size]
-    return preset(hf, paper_name=name, total=total, activated=activated)
+    return sized_preset(arg, SIZES, "OLMoE")

@@ -14,8 +14,7 @@ checkpoints (hf_families.py).
 
 import ml_collections
 
-from glam_jax.presets.hf_families import preset
-from glam_jax.presets.variants import parse_variant
+from glam_jax.presets.hf_families import sized_preset
 
 QWEN3_30B_A3B = {
     "model_type": "qwen3_moe",
@@ -98,8 +97,4 @@ SIZES = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """A Qwen MoE size (variant `size=`, see the module docstring)."""
-    size = parse_variant(
-        arg, {"size": "tiny"}, positional="size", choices={"size": SIZES}, where="Qwen MoE"
-    )["size"]
-    hf, name, total, activated = SIZES[size]
-    return preset(hf, paper_name=name, total=total, activated=activated)
+    return sized_preset(arg, SIZES, "Qwen MoE")

@@ -1,12 +1,15 @@
-"""Small shared builders for tests: a tiny float32 config and random packed batches."""
+"""Small shared builders for tests: a tiny float32 config, random packed batches, and the
+check that a user's error is one sentence."""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
+import pytest
 
 from configs.glam_tiny import get_config
+from glam_jax.errors import GlamError
 from glam_jax.model import frozen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,3 +62,17 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
         "weights": weights,
         "target_chars": np.full((b, s), 3, np.int32),
     }
+
+
+def assert_one_sentence(message: str) -> str:
+    """A user's error: one line, one sentence, ending in a full stop."""
+    assert "\n" not in message and message.endswith(".") and message.count(". ") == 0, message
+    return message
+
+
+def refused(call, error: type[GlamError], match: str) -> str:
+    """call() raises `error` (a GlamError) matching `match`, in one sentence; its message."""
+    with pytest.raises(error, match=match) as err:
+        call()
+    assert isinstance(err.value, GlamError)
+    return assert_one_sentence(str(err.value))

@@ -35,7 +35,7 @@ from glam_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from glam_jax.model import cast_for_compute
 from glam_jax.moe import MoE
 from glam_jax.moe import routers as routing
-from tests.helpers import ROOT, random_batch, tiny_config
+from tests.helpers import ROOT, assert_one_sentence, random_batch, tiny_config
 
 FIXTURE = os.path.join(ROOT, "tests", "testdata", "hf_mixtral_tiny")
 SHAKESPEARE = os.path.join(ROOT, "glam_jax", "data", "corpus", "tinyshakespeare.txt")
@@ -327,9 +327,7 @@ def test_batches_pack_documents_and_mark_pairs(texts, tokenizer_path):
 
 # ---- bad input -----------------------------------------------------------------------------
 def _one_sentence(err) -> str:
-    message = str(err.value)
-    assert message.count(". ") == 0 and message.endswith(".") and "\n" not in message
-    return message
+    return assert_one_sentence(str(err.value))
 
 
 def test_bad_input_is_refused_in_one_sentence(tmp_path, tokenizer_path):

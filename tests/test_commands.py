@@ -58,24 +58,16 @@ def test_load_config_equals_the_presets_get_config():
 
 def test_a_command_takes_a_preset_name_and_refuses_an_unknown_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    run = [sys.executable, f"{ROOT}/glam_jax/param_count.py", "--json"]
-    ok = subprocess.run(
-        [*run, "--config=glam_tiny:experts=4"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=180,
-    )
+
+    def param_count(config: str):
+        command = [sys.executable, f"{ROOT}/glam_jax/param_count.py", "--json", config]
+        return subprocess.run(
+            command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180
+        )
+
+    ok = param_count("--config=glam_tiny:experts=4")
     assert ok.returncode == 0 and '"total_params"' in ok.stdout, ok.stderr[-2000:]
-    bad = subprocess.run(
-        [*run, "--config=glam_teeny"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=180,
-    )
+    bad = param_count("--config=glam_teeny")
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.returncode == 1 and len(lines) == 1, bad.stderr[-2000:]
     assert lines[0].startswith("error: --config=glam_teeny: 'glam_teeny' is neither")

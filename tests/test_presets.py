@@ -11,7 +11,7 @@ import setuptools
 
 from configs import glam, glam_gpu_bench, glam_tiny, mixtral
 from glam_jax.presets.variants import VariantError, parse_variant
-from tests.helpers import ROOT
+from tests.helpers import ROOT, assert_one_sentence
 
 # Variant strings the README, docs/performance.md and bench defaults use.
 BENCH_VARIANTS = {
@@ -60,7 +60,7 @@ def test_size_variants_big_vision_style():
 def test_unknown_variant_keys_are_refused_in_one_sentence(load, arg, match):
     with pytest.raises(VariantError, match=match) as err:
         load(arg)
-    assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
+    assert_one_sentence(str(err.value))
 
 
 def test_parser_reads_values_by_the_defaults_type():

@@ -1,5 +1,5 @@
-"""Small shared builders for tests: a tiny float32 config, random packed batches, and the
-check that a user's error is one sentence."""
+"""Small shared builders for tests: a tiny float32 config, random packed batches, a model's
+logits, a checkpoint directory's tensors, and the check that a user's error is one sentence."""
 
 from __future__ import annotations
 
@@ -76,3 +76,25 @@ def refused(call, error: type[GlamError], match: str) -> str:
         call()
     assert isinstance(err.value, GlamError)
     return assert_one_sentence(str(err.value))
+
+
+def model_logits(config, params, ids) -> np.ndarray:
+    """The Transformer's logits for token ids [B, T] (one jitted forward)."""
+    import jax
+
+    from glam_jax.model import Transformer
+
+    model = Transformer(config)
+    return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, ids))
+
+
+def safetensors_in(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of the .safetensors files in directory `path`, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="np") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -19,9 +19,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from glam_jax import decode, flops, hf_checkpoint, sharding
-from glam_jax.model import Transformer
 from glam_jax.presets import olmoe, qwen_moe
-from tests.helpers import ROOT, refused
+from tests.helpers import ROOT, model_logits, refused, safetensors_in
 from tests.test_decode import NEW_TOKENS, assert_cached_equals_full, prompts_for
 
 FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe")
@@ -43,20 +42,6 @@ def imported(family: str):
 
 def golden(family: str) -> dict:
     return dict(np.load(os.path.join(fixture_dir(family), "golden.npz")))
-
-
-def _logits(config, params, ids):
-    model = Transformer(config)
-    return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, ids))
-
-
-def _tensors(path: str) -> dict[str, np.ndarray]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="np") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _edit_config(path: str, **changes) -> None:
@@ -95,7 +80,7 @@ def test_each_family_s_features_come_from_config_json():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_equal_transformers(family):
     config, params = imported(family)
-    logits = _logits(config, params, golden(family)["input_ids"])
+    logits = model_logits(config, params, golden(family)["input_ids"])
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, golden(family)["logits"], atol=1e-4, rtol=0)
 
@@ -120,7 +105,7 @@ def test_top_level_rope_theta_of_transformers_4_gives_the_same_model(tmp_path):
     _edit_config(path, rope_parameters=_DELETE, rope_theta=1e6, qkv_bias=_DELETE)
     config, params = hf_checkpoint.load(path)
     assert config.model.rope_theta == 1e6 and config.model.qkv_bias  # 4.x: always biased
-    logits = _logits(config, params, golden("qwen2_moe")["input_ids"])
+    logits = model_logits(config, params, golden("qwen2_moe")["input_ids"])
     np.testing.assert_allclose(logits, golden("qwen2_moe")["logits"], atol=1e-4, rtol=0)
 
 
@@ -129,7 +114,7 @@ def test_top_level_rope_theta_of_transformers_4_gives_the_same_model(tmp_path):
 def test_export_then_import_is_bitwise(family, tmp_path):
     config, params = imported(family)
     hf_checkpoint.save(params, config, str(tmp_path))
-    exported, original = _tensors(str(tmp_path)), _tensors(fixture_dir(family))
+    exported, original = safetensors_in(str(tmp_path)), safetensors_in(fixture_dir(family))
     assert sorted(exported) == sorted(original)
     for key, value in original.items():
         assert exported[key].dtype == value.dtype and exported[key].shape == value.shape, key
@@ -250,7 +235,7 @@ def _add_tensor(path: str, key: str, value: np.ndarray) -> None:
 
 def test_a_tied_head_may_be_stored_but_must_equal_the_embedding(copy):
     """Qwen3 fixture: tie_word_embeddings=true, so lm_head.weight is optional."""
-    embedding = _tensors(fixture_dir("qwen3_moe"))["model.embed_tokens.weight"]
+    embedding = safetensors_in(fixture_dir("qwen3_moe"))["model.embed_tokens.weight"]
     same = copy("qwen3_moe")
     _add_tensor(same, "lm_head.weight", embedding)
     config, params = hf_checkpoint.load(same)

@@ -18,8 +18,7 @@ from safetensors.numpy import save_file
 
 from glam_jax import decode, hf_checkpoint, sharding
 from glam_jax.data.tokenizer import train_tokenizer
-from glam_jax.model import Transformer
-from tests.helpers import ROOT, refused
+from tests.helpers import ROOT, model_logits, refused, safetensors_in
 
 # --dist loadgroup (pyproject.toml) gives this module to one xdist worker: the imported
 # checkpoint and its generator are built once, not per xdist worker.
@@ -43,20 +42,6 @@ def golden():
     return dict(np.load(os.path.join(FIXTURE, "golden.npz")))
 
 
-def _logits(config, params, ids):
-    model = Transformer(config)
-    return np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x)[0])(params, ids))
-
-
-def _tensors(path: str) -> dict[str, np.ndarray]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="np") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def test_config_json_becomes_a_mixtral_config(imported):
     config, _ = imported
     m, e = config.model, config.moe
@@ -74,7 +59,7 @@ def test_config_json_becomes_a_mixtral_config(imported):
 
 def test_logits_equal_transformers(imported, golden):
     config, params = imported
-    logits = _logits(config, params, golden["input_ids"])
+    logits = model_logits(config, params, golden["input_ids"])
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, golden["logits"], atol=1e-4, rtol=0)
 
@@ -83,7 +68,7 @@ def test_sliding_window_logits_equal_transformers(imported, golden):
     config, params = imported
     windowed = config.copy_and_resolve_references()
     windowed.model.sliding_window = int(golden["window"])
-    logits = _logits(windowed, params, golden["input_ids"])
+    logits = model_logits(windowed, params, golden["input_ids"])
     np.testing.assert_allclose(logits, golden["logits_window"], atol=1e-4, rtol=0)
 
 
@@ -109,7 +94,7 @@ def test_generation_stops_at_eos(imported, generator, golden):
 def test_export_then_import_is_bitwise(imported, tmp_path):
     config, params = imported
     hf_checkpoint.save_mixtral(params, config, str(tmp_path))
-    exported, original = _tensors(str(tmp_path)), _tensors(FIXTURE)
+    exported, original = safetensors_in(str(tmp_path)), safetensors_in(FIXTURE)
     assert sorted(exported) == sorted(original)
     for key, value in original.items():
         assert exported[key].dtype == value.dtype and exported[key].shape == value.shape, key

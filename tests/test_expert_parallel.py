@@ -126,7 +126,8 @@ def test_the_exchange_sends_tokens_and_never_gathers_expert_weights():
     ragged = _collectives("ragged_all_to_all")
     assert "ragged_all_to_all" in ragged or "ragged-all-to-all" in ragged
     # Rows [*, M] move by gathers both ways, forward and backward: the only scatters left are
-    # the integer bincounts of the group sizes (a scatter-add of rows is atomics on a GPU).
+    # on 1-D integer bookkeeping, the group sizes' bincounts and inverse permutations (a
+    # scatter-add of rows is atomics on a GPU).
     scatters = re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} scatter\(", hlo)
     assert scatters and all(dtype == "s32" and "," not in dims for dtype, dims in scatters)
     assert len(re.findall(r" gather\(", hlo)) >= 8
